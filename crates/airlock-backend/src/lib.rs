@@ -1,0 +1,1 @@
+//! airlock-backend (stub, being written).

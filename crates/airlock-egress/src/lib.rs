@@ -1,0 +1,1 @@
+//! airlock-egress (stub, being written).

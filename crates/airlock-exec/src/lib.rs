@@ -1,0 +1,1 @@
+//! airlock-exec (stub, being written).

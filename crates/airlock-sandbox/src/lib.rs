@@ -1,0 +1,1 @@
+//! airlock-sandbox (stub, being written).

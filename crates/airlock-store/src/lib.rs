@@ -1,0 +1,1 @@
+//! airlock-store (stub, being written).

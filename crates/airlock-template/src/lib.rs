@@ -1,0 +1,1 @@
+//! airlock-template (stub, being written).
