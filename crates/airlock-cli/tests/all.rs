@@ -1,0 +1,9 @@
+//! Integration suite: drives the real `airlock` binary, attacks sandboxes
+//! from inside, inside the test world of `world` (DESIGN §8). Needs root
+//! and the base template (scripts/test.sh provides both).
+
+mod world;
+
+mod attacker;
+mod lifecycle;
+mod network;
