@@ -27,9 +27,6 @@ pub fn hidden_entry(args: &[OsString]) -> Option<u8> {
         let code = airlock_sandbox::supervisor::main(Paths::from_env(), id, fd);
         return Some(code.clamp(0, 255) as u8);
     }
-    if let Some(code) = airlock_backend::hidden_entry(args) {
-        return Some(code.clamp(0, 255) as u8);
-    }
     None
 }
 

@@ -15,6 +15,10 @@ mod commands;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // The namespace backend re-executes this binary as the sandbox's init;
+    // that must happen before anything else (no threads yet). Diverges for
+    // `airlock __ns-init ...`, returns otherwise.
+    airlock_backend::ns_init_if_requested();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // Hidden entry points used by airlock itself, dispatched before clap so
     // that they stay cheap.
