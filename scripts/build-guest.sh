@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
     -p airlock-guest --target x86_64-unknown-linux-gnu --target-dir target/guest
 bin="$PWD/target/guest/x86_64-unknown-linux-gnu/release/airlock-guest"
-if ldd "$bin" >/dev/null 2>&1; then
+if ! ldd "$bin" 2>&1 | grep -Eq 'statically linked|not a dynamic executable'; then
     echo "airlock: $bin is not static" >&2
     exit 1
 fi

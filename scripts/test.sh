@@ -12,6 +12,17 @@ AIRLOCK_GUEST="$(scripts/build-guest.sh)"
 export AIRLOCK_GUEST
 export AIRLOCK_TEMPLATES="${AIRLOCK_TEMPLATES:-/var/lib/airlock/templates}"
 echo "== template (cached in $AIRLOCK_TEMPLATES)" >&2
-AIRLOCK_HOME="$(mktemp -d)" target/debug/airlock template build base
+tmp_home="$(mktemp -d)"
+AIRLOCK_HOME="$tmp_home" target/debug/airlock template build base
+rm -rf "$tmp_home"
 echo "== tests" >&2
-cargo test --workspace --no-fail-fast -- --test-threads="${AIRLOCK_TEST_THREADS:-4}" "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --no-fail-fast -- --test-threads="${AIRLOCK_TEST_THREADS:-4}" "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$rc"

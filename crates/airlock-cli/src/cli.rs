@@ -168,7 +168,8 @@ pub struct ExecArgs {
 #[derive(Subcommand, Debug)]
 pub enum NetworkCmd {
     /// Change a sandbox's network policy (applies at once to a running sandbox)
-    #[command(after_help = "Rules add to the current policy; --clear starts from an empty one.
+    #[command(
+        after_help = "Rules add to the current policy; --clear starts from an empty one.
 Patterns: example.com (exact), *.example.com (subdomains, not the apex), either with :PORT;
 localhost:PORT or host.docker.internal:PORT reach a service on the host's loopback.
 Precedence: exact host:port, exact host, longest wildcard, CIDR, mode; block beats allow.
@@ -177,7 +178,8 @@ Examples:
   airlock network proxy web --allow-host localhost:8080
   airlock network proxy web --policy deny --allow-host api.anthropic.com --allow-host '*.npmjs.org'
   airlock network proxy web --block-cidr 203.0.113.0/24
-  airlock network proxy web --clear --policy allow")]
+  airlock network proxy web --clear --policy allow"
+    )]
     Proxy(ProxyArgs),
     /// Show egress decisions, grouped by host (or every event with --json)
     #[command(after_help = "Examples:

@@ -1,7 +1,9 @@
 //! Command implementations: argument checks, calls into
 //! `airlock_sandbox::Manager`, and output.
 
-use crate::cli::{Cli, Command, ExecArgs, Isolation, ModeArg, NetworkCmd, ProxyArgs, RunArgs, TemplateCmd};
+use crate::cli::{
+    Cli, Command, ExecArgs, Isolation, ModeArg, NetworkCmd, ProxyArgs, RunArgs, TemplateCmd,
+};
 use airlock_policy::{Action, Mode, Policy, Rule};
 use airlock_sandbox::{agents, workspace, CreateSpec, ExecOptions, Manager};
 use airlock_store::{Paths, SandboxRecord, Status};
@@ -19,9 +21,14 @@ pub fn hidden_entry(args: &[OsString]) -> Option<u8> {
     if first == airlock_sandbox::SUPERVISE_ARG {
         let (Some(id), Some(fd)) = (
             args.get(2).and_then(|s| s.to_str()),
-            args.get(3).and_then(|s| s.to_str()).and_then(|s| s.parse().ok()),
+            args.get(3)
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse().ok()),
         ) else {
-            eprintln!("usage: airlock {} ID READY_FD", airlock_sandbox::SUPERVISE_ARG);
+            eprintln!(
+                "usage: airlock {} ID READY_FD",
+                airlock_sandbox::SUPERVISE_ARG
+            );
             return Some(2);
         };
         let code = airlock_sandbox::supervisor::main(Paths::from_env(), id, fd);
@@ -113,7 +120,9 @@ fn each(names: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> 
 }
 
 fn home_dir() -> Option<PathBuf> {
-    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
 }
 
 fn cmd_run(mgr: &Manager, a: RunArgs, attach: bool) -> Result<i32> {
@@ -387,9 +396,9 @@ fn cmd_proxy(mgr: &Manager, a: ProxyArgs) -> Result<i32> {
     }
     let mut remove = Vec::new();
     for r in &a.remove {
-        let (kind, val) = r
-            .split_once(' ')
-            .with_context(|| format!("bad --remove {r:?}: expected e.g. \"allow-host example.com\""))?;
+        let (kind, val) = r.split_once(' ').with_context(|| {
+            format!("bad --remove {r:?}: expected e.g. \"allow-host example.com\"")
+        })?;
         let rule = match kind {
             "allow-host" => Rule::host(Action::Allow, val),
             "block-host" => Rule::host(Action::Block, val),
@@ -428,7 +437,9 @@ fn cmd_proxy(mgr: &Manager, a: ProxyArgs) -> Result<i32> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"name": a.name, "applied": live, "policy": policy}))?
+            serde_json::to_string_pretty(
+                &json!({"name": a.name, "applied": live, "policy": policy})
+            )?
         );
     } else {
         print_policy(&policy);
@@ -456,7 +467,15 @@ fn cmd_log(
     }
     let mut last_seq = 0;
     if as_json || follow {
-        let evs = store.events(name.as_deref(), 0, if follow && limit.is_none() { Some(10) } else { limit })?;
+        let evs = store.events(
+            name.as_deref(),
+            0,
+            if follow && limit.is_none() {
+                Some(10)
+            } else {
+                limit
+            },
+        )?;
         for e in &evs {
             print_event(&e.event, as_json);
             last_seq = e.seq;
@@ -494,7 +513,14 @@ fn cmd_log(
         })
         .collect();
     print_table(
-        &["SANDBOX", "HOST", "ALLOWED", "BLOCKED", "LAST SEEN", "LAST DECISION"],
+        &[
+            "SANDBOX",
+            "HOST",
+            "ALLOWED",
+            "BLOCKED",
+            "LAST SEEN",
+            "LAST DECISION",
+        ],
         &rows,
     );
     Ok(0)
@@ -599,7 +625,12 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
             };
             let mut progress = template_progress();
             let t = store.build(&name, &opts, &mut progress)?;
-            println!("{} ({:.0} MB) at {}", t.name, t.size_bytes as f64 / 1e6, t.rootfs.display());
+            println!(
+                "{} ({:.0} MB) at {}",
+                t.name,
+                t.size_bytes as f64 / 1e6,
+                t.rootfs.display()
+            );
         }
         TemplateCmd::Rm { name } => {
             let _lock = mgr.lock()?;
@@ -639,8 +670,9 @@ fn cmd_doctor(mgr: &Manager, as_json: bool) -> Result<i32> {
     checks.push((
         "mmdebstrap".into(),
         mm.is_some(),
-        mm.map(|p| p.display().to_string())
-            .unwrap_or_else(|| "missing: apt-get install mmdebstrap (needed to build templates)".into()),
+        mm.map(|p| p.display().to_string()).unwrap_or_else(|| {
+            "missing: apt-get install mmdebstrap (needed to build templates)".into()
+        }),
     ));
     match mgr.templates().get(airlock_template::BASE) {
         Ok(Some(t)) => checks.push(("base template".into(), true, t.rootfs.display().to_string())),
@@ -666,7 +698,10 @@ fn cmd_doctor(mgr: &Manager, as_json: bool) -> Result<i32> {
             .iter()
             .map(|(n, ok, d)| json!({"check": n, "ok": ok, "detail": d}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"ok": ok, "checks": v}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"ok": ok, "checks": v}))?
+        );
     } else {
         for (n, ok, d) in &checks {
             println!("{} {:<18} {}", if *ok { "ok  " } else { "FAIL" }, n, d);

@@ -361,8 +361,14 @@ mod tests {
         roundtrip(Frame::Started(Started { pid: 7 }));
         roundtrip(Frame::Stdout(b"out".to_vec()));
         roundtrip(Frame::Stderr(b"err".to_vec()));
-        roundtrip(Frame::Exit(Exit { code: Some(3), signal: None }));
-        roundtrip(Frame::Error(ErrorMsg { message: "x".into(), code: Some(127) }));
+        roundtrip(Frame::Exit(Exit {
+            code: Some(3),
+            signal: None,
+        }));
+        roundtrip(Frame::Error(ErrorMsg {
+            message: "x".into(),
+            code: Some(127),
+        }));
     }
 
     #[test]
@@ -402,10 +408,22 @@ mod tests {
 
     #[test]
     fn negotiation() {
-        let a = Hello { version: 3, min_version: 1, agent: String::new() };
-        let b = Hello { version: 2, min_version: 2, agent: String::new() };
+        let a = Hello {
+            version: 3,
+            min_version: 1,
+            agent: String::new(),
+        };
+        let b = Hello {
+            version: 2,
+            min_version: 2,
+            agent: String::new(),
+        };
         assert_eq!(a.negotiate(&b).unwrap(), 2);
-        let c = Hello { version: 5, min_version: 4, agent: String::new() };
+        let c = Hello {
+            version: 5,
+            min_version: 4,
+            agent: String::new(),
+        };
         assert!(b.negotiate(&c).is_err());
     }
 }

@@ -41,7 +41,12 @@ mod tests {
     fn shell_passes_args_unchanged() {
         let a = find("shell").unwrap();
         assert_eq!((a.command)(&[]), vec!["bash", "-l"]);
-        let args = vec!["echo".to_string(), "a b".into(), "--".into(), "$HOME".into()];
+        let args = vec![
+            "echo".to_string(),
+            "a b".into(),
+            "--".into(),
+            "$HOME".into(),
+        ];
         assert_eq!((a.command)(&args), args);
         assert!(find("nope").is_none());
     }

@@ -219,10 +219,7 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
-        Ok(Created {
-            record,
-            new: true,
-        })
+        Ok(Created { record, new: true })
     }
 
     /// Start a sandbox's supervisor and wait until its guest agent answers.
@@ -340,7 +337,8 @@ impl Manager {
                     kill_if_alive(pid);
                 }
                 let _ = std::fs::remove_dir_all(self.paths.run_dir(&rec.id));
-                self.store()?.set_stopped(&rec.id, Some("supervisor died"))?;
+                self.store()?
+                    .set_stopped(&rec.id, Some("supervisor died"))?;
                 Ok(())
             }
             Status::Running => {
@@ -359,8 +357,10 @@ impl Manager {
                             kill_if_alive(pid);
                         }
                         let _ = std::fs::remove_dir_all(self.paths.run_dir(&rec.id));
-                        self.store()?
-                            .set_stopped(&rec.id, Some("supervisor did not stop in time; killed"))?;
+                        self.store()?.set_stopped(
+                            &rec.id,
+                            Some("supervisor did not stop in time; killed"),
+                        )?;
                         return Ok(());
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -460,7 +460,10 @@ pub fn default_name(agent: &str, workspaces: &[Workspace]) -> String {
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -531,7 +534,11 @@ fn remove_tree(dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(_) => {
-            let _ = Command::new("chmod").arg("-R").arg("u+rwX").arg(dir).status();
+            let _ = Command::new("chmod")
+                .arg("-R")
+                .arg("u+rwX")
+                .arg(dir)
+                .status();
             std::fs::remove_dir_all(dir).map_err(|source| SandboxError::Io {
                 what: "cannot remove sandbox directory",
                 path: dir.to_path_buf(),

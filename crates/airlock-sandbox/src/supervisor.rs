@@ -18,7 +18,7 @@ use airlock_policy::Event;
 use airlock_protocol::GuestConfig;
 use airlock_store::{AuditLog, Paths, ProcessId, SandboxRecord, Store};
 use std::fs::File;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -168,10 +168,7 @@ fn run_in(
     let init_pid = instance.pid();
     let console = sandbox_dir.join(files::CONSOLE_LOG);
 
-    if let Err(e) = airlock_exec::ping(
-        &run_dir.join(files::AGENT_SOCK),
-        Duration::from_secs(20),
-    ) {
+    if let Err(e) = airlock_exec::ping(&run_dir.join(files::AGENT_SOCK), Duration::from_secs(20)) {
         let _ = instance.terminate(Duration::from_secs(1));
         return Err(format!(
             "the guest agent did not answer ({}); console log {}:\n{}",
@@ -210,8 +207,8 @@ fn run_in(
             .set_nonblocking(true)
             .and_then(|_| control_l.set_nonblocking(true))
             .map_err(|e| format!("sockets: {e}"))?;
-        let proxy_l =
-            tokio::net::UnixListener::from_std(proxy_l).map_err(|e| format!("proxy socket: {e}"))?;
+        let proxy_l = tokio::net::UnixListener::from_std(proxy_l)
+            .map_err(|e| format!("proxy socket: {e}"))?;
         let control_l = tokio::net::UnixListener::from_std(control_l)
             .map_err(|e| format!("control socket: {e}"))?;
         let eg = egress.clone();
@@ -418,23 +415,26 @@ pub fn find_guest_binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("AIRLOCK_GUEST").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         return if p.is_file() {
-            Ok(p)
+            p.canonicalize()
+                .map_err(|e| format!("AIRLOCK_GUEST={}: {e}", p.display()))
         } else {
             Err(format!("AIRLOCK_GUEST={} does not exist", p.display()))
         };
     }
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
+    // A development tree prefers the static build of scripts/build-guest.sh
+    // over cargo's dynamically linked one next to the binary.
     let candidates = [
-        dir.join("airlock-guest"),
-        dir.join("../lib/airlock/airlock-guest"),
         dir.join("../guest/x86_64-unknown-linux-gnu/release/airlock-guest"),
         dir.join("../../guest/x86_64-unknown-linux-gnu/release/airlock-guest"),
+        dir.join("airlock-guest"),
+        dir.join("../lib/airlock/airlock-guest"),
     ];
     candidates
         .iter()
         .find(|p| p.is_file())
-        .cloned()
+        .and_then(|p| p.canonicalize().ok())
         .ok_or_else(|| {
             format!(
                 "the guest agent binary airlock-guest was not found next to {} or in ../lib/airlock; build it with `scripts/build-guest.sh` or set AIRLOCK_GUEST",
@@ -454,6 +454,3 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-
-#[allow(dead_code)]
-fn _assert_bufread<T: BufRead>() {}

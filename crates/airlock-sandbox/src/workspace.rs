@@ -112,16 +112,38 @@ mod tests {
         let w = p("proj", false).unwrap();
         assert_eq!(w.path, proj.canonicalize().unwrap());
         assert!(!w.read_only);
-        assert!(p(&format!("{}:ro", proj.display()), false).unwrap().read_only);
-        assert!(p("missing", false).unwrap_err().to_string().contains("does not exist"));
-        assert!(p("/", false).unwrap_err().to_string().contains("whole host"));
-        assert!(p(home.to_str().unwrap(), false).unwrap_err().to_string().contains("home"));
+        assert!(
+            p(&format!("{}:ro", proj.display()), false)
+                .unwrap()
+                .read_only
+        );
+        assert!(p("missing", false)
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
+        assert!(p("/", false)
+            .unwrap_err()
+            .to_string()
+            .contains("whole host"));
+        assert!(p(home.to_str().unwrap(), false)
+            .unwrap_err()
+            .to_string()
+            .contains("home"));
         assert!(p(t.path().to_str().unwrap(), false).is_err());
         assert!(p(home.to_str().unwrap(), true).is_ok());
         let f = proj.join("file");
         std::fs::write(&f, "x").unwrap();
-        assert!(p(f.to_str().unwrap(), false).unwrap_err().to_string().contains("not a directory"));
-        let dup = parse_all(&["proj".into(), proj.display().to_string()], &home, Some(&home), &data, false);
+        assert!(p(f.to_str().unwrap(), false)
+            .unwrap_err()
+            .to_string()
+            .contains("not a directory"));
+        let dup = parse_all(
+            &["proj".into(), proj.display().to_string()],
+            &home,
+            Some(&home),
+            &data,
+            false,
+        );
         assert!(dup.is_err());
     }
 }

@@ -99,7 +99,11 @@ impl Paths {
     }
 
     pub fn ensure(&self) -> Result<(), StoreError> {
-        for d in [&self.data, &self.data.join("sandboxes"), &self.data.join("run")] {
+        for d in [
+            &self.data,
+            &self.data.join("sandboxes"),
+            &self.data.join("run"),
+        ] {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
         // The data directory holds the audit log and, later, secrets.
@@ -175,7 +179,10 @@ impl ProcessId {
             Some(p) if p == *self => {
                 let state = fs::read_to_string(format!("/proc/{}/stat", self.pid))
                     .ok()
-                    .and_then(|s| s.rfind(')').and_then(|i| s.get(i + 2..i + 3).map(String::from)));
+                    .and_then(|s| {
+                        s.rfind(')')
+                            .and_then(|i| s.get(i + 2..i + 3).map(String::from))
+                    });
                 state.as_deref() != Some("Z")
             }
             _ => false,
@@ -345,8 +352,10 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(wrap)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(wrap)?;
         conn.execute_batch(SCHEMA).map_err(wrap)?;
         Ok(Store { conn })
     }
@@ -407,9 +416,9 @@ impl Store {
     }
 
     pub fn list(&self) -> Result<Vec<SandboxRecord>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare(&format!("SELECT {COLS} FROM sandboxes ORDER BY created, name"))?;
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {COLS} FROM sandboxes ORDER BY created, name"
+        ))?;
         let rows = st.query_map([], row_raw)?;
         let mut out = Vec::new();
         for r in rows {
@@ -539,7 +548,14 @@ impl Store {
         )?;
         let groups: Vec<(String, String, u16, i64, i64, i64)> = st
             .query_map(params![sandbox, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<Result<_, _>>()?;
         let mut last = self
@@ -765,8 +781,12 @@ mod tests {
     fn events_and_summary() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open_file(&dir.path().join("db")).unwrap();
-        s.insert_events(&[ev("x", "a.com", "allow"), ev("x", "a.com", "block"), ev("y", "b.com", "allow")])
-            .unwrap();
+        s.insert_events(&[
+            ev("x", "a.com", "allow"),
+            ev("x", "a.com", "block"),
+            ev("y", "b.com", "allow"),
+        ])
+        .unwrap();
         let all = s.events(None, 0, None).unwrap();
         assert_eq!(all.len(), 3);
         assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -798,6 +818,10 @@ mod tests {
     #[test]
     fn process_liveness() {
         assert!(ProcessId::current().alive());
-        assert!(!ProcessId { pid: u32::MAX - 1, start_ticks: 0 }.alive());
+        assert!(!ProcessId {
+            pid: u32::MAX - 1,
+            start_ticks: 0
+        }
+        .alive());
     }
 }

@@ -424,58 +424,32 @@ fn reset_signals() {
     }
 }
 
-/// Paths that get full access when some workspaces are read-only: every
-/// entry of every ancestor directory of a read-only workspace except the
-/// entries on the way to one (Landlock rules grant access *beneath* a path,
-/// so write access cannot be granted to an ancestor without granting it to
-/// the workspace). Symlinks are skipped: a rule follows them, and the
-/// sandbox could point one into a read-only workspace.
-pub(crate) fn write_roots(root: &Path, workspaces: &[(PathBuf, bool)]) -> io::Result<Vec<PathBuf>> {
-    let ro: Vec<&Path> = workspaces
-        .iter()
-        .filter(|(_, ro)| *ro)
-        .map(|(p, _)| p.as_path())
-        .collect();
-    if ro.is_empty() {
-        return Ok(vec![root.to_path_buf()]);
-    }
-    let on_path = |p: &Path| ro.iter().any(|w| w.starts_with(p));
+/// Paths that get full (write) access under Landlock: every top-level entry
+/// of the sandbox root except `/proc` and `/sys`, which stay read-only
+/// (no writes to kernel tunables or other processes' attributes, even where
+/// a mount or capability check would let one through).
+///
+/// Read-only workspaces are deliberately *not* expressed here: Landlock
+/// grants access beneath a path, so keeping a workspace read-only would mean
+/// denying file creation in every ancestor directory (`/tmp`, `/home`...),
+/// which breaks ordinary programs. They are enforced by a read-only bind
+/// mount that the sandbox can neither remount (no capabilities, seccomp
+/// denies the mount family) nor unmount. Symlinks are skipped: a rule
+/// follows them.
+pub(crate) fn write_roots(
+    root: &Path,
+    _workspaces: &[(PathBuf, bool)],
+) -> io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    let mut ancestors: Vec<PathBuf> = Vec::new();
-    for w in &ro {
-        for a in w.ancestors().skip(1) {
-            if !ancestors.iter().any(|x| x == a) {
-                ancestors.push(a.to_path_buf());
-            }
-        }
-    }
-    for a in &ancestors {
-        // Ancestors that are themselves under a read-only workspace stay read-only.
-        if ro.iter().any(|w| a.starts_with(w)) {
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "proc" || name == "sys" || entry.file_type()?.is_symlink() {
             continue;
         }
-        let host = inside(root, a);
-        for entry in fs::read_dir(&host)? {
-            let entry = entry?;
-            let child = a.join(entry.file_name());
-            if on_path(&child) || entry.file_type()?.is_symlink() {
-                continue;
-            }
-            out.push(inside(root, &child));
-        }
-    }
-    // Read-write workspaces nested in a read-only one.
-    for (p, rw) in workspaces
-        .iter()
-        .filter(|(_, ro)| !*ro)
-        .map(|(p, _)| (p, true))
-    {
-        if rw && ro.iter().any(|w| p.starts_with(w)) {
-            out.push(inside(root, p));
-        }
+        out.push(root.join(name));
     }
     out.sort();
-    out.dedup();
     Ok(out)
 }
 
@@ -524,48 +498,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn write_roots_without_ro_is_root() {
-        let d = tempfile::tempdir().unwrap();
-        let r = write_roots(d.path(), &[(PathBuf::from("/a"), false)]).unwrap();
-        assert_eq!(r, vec![d.path().to_path_buf()]);
-    }
-
-    #[test]
-    fn write_roots_grants_siblings_only() {
+    fn write_roots_are_top_level_entries_but_proc_and_sys() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        for p in [
-            "etc",
-            "home/u/proj/src",
-            "home/u/other",
-            "home/v",
-            "tmp",
-            "home/u/rw",
-        ] {
+        for p in ["etc", "home/u/proj", "proc", "sys", "tmp"] {
             fs::create_dir_all(root.join(p)).unwrap();
         }
-        fs::write(root.join("home/u/.bashrc"), "").unwrap();
-        std::os::unix::fs::symlink("/home/u/proj", root.join("home/u/link")).unwrap();
-        let ws = vec![
-            (PathBuf::from("/home/u/proj"), true),
-            (PathBuf::from("/home/u/proj/src/gen"), false),
-        ];
+        std::os::unix::fs::symlink("/usr/bin", root.join("bin")).unwrap();
+        let ws = vec![(PathBuf::from("/home/u/proj"), true)];
         let r = write_roots(root, &ws).unwrap();
         let rel: Vec<String> = r
             .iter()
             .map(|p| format!("/{}", p.strip_prefix(root).unwrap().display()))
             .collect();
-        assert_eq!(
-            rel,
-            vec![
-                "/etc",
-                "/home/u/.bashrc",
-                "/home/u/other",
-                "/home/u/proj/src/gen",
-                "/home/u/rw",
-                "/home/v",
-                "/tmp"
-            ]
-        );
+        assert_eq!(rel, vec!["/etc", "/home", "/tmp"]);
     }
 }

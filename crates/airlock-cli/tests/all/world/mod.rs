@@ -212,7 +212,14 @@ impl World {
         ipn(&ns_out, &["link", "set", "lo", "up"]);
         ipn(&ns_out, &["addr", "add", "10.200.0.1/24", "dev", &vb]);
         ipn(&ns_out, &["link", "set", &vb, "up"]);
-        for a in [ALLOWED_IP, BLOCKED_IP, DNS_IP, METADATA_IP, PRIVATE10_IP, PRIVATE192_IP] {
+        for a in [
+            ALLOWED_IP,
+            BLOCKED_IP,
+            DNS_IP,
+            METADATA_IP,
+            PRIVATE10_IP,
+            PRIVATE192_IP,
+        ] {
             ipn(&ns_out, &["addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
         // Names for the egress engine's resolver.
@@ -229,7 +236,9 @@ impl World {
 
         let outer = Recorder::new("outer");
         for port in [80u16, 443, 22] {
-            let l = in_netns(&ns_out, move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+            let l = in_netns(&ns_out, move || {
+                TcpListener::bind(("0.0.0.0", port)).unwrap()
+            });
             outer.serve(l);
         }
         let host_service = Recorder::new("host-service");
@@ -237,7 +246,10 @@ impl World {
         let host_port = l.local_addr().unwrap().port();
         host_service.serve(l);
 
-        let tmp = tempfile::Builder::new().prefix("al").tempdir_in("/tmp").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("al")
+            .tempdir_in("/tmp")
+            .unwrap();
         let home = tmp.path().join("home");
         let ws = home.join("proj");
         let ro = home.join("docs");
@@ -334,8 +346,12 @@ impl Drop for World {
         for n in String::from_utf8_lossy(&out.stdout).lines() {
             let _ = self.airlock(&["rm", "-f", n]);
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns_in]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns_out]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns_in])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns_out])
+            .status();
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.ns_in));
     }
 }

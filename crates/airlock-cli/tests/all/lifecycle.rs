@@ -22,7 +22,14 @@ fn status(w: &World, name: &str) -> String {
 fn run_is_idempotent_and_state_persists() {
     let w = World::new();
     // Default name is <agent>-<basename of the workspace>; cwd is the workspace.
-    let out = w.airlock(&["run", "shell", "--", "bash", "-c", "pwd; echo state > /root/kept; exit 3"]);
+    let out = w.airlock(&[
+        "run",
+        "shell",
+        "--",
+        "bash",
+        "-c",
+        "pwd; echo state > /root/kept; exit 3",
+    ]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), w.ws.display().to_string());
     assert_eq!(status(&w, "shell-proj"), "running");
@@ -36,12 +43,21 @@ fn run_is_idempotent_and_state_persists() {
     // Stop/start keeps the writable layer.
     assert_ok(&w.airlock(&["stop", "shell-proj"]), "stop");
     assert_eq!(status(&w, "shell-proj"), "stopped");
-    assert_fails(&w.airlock(&["exec", "shell-proj", "true"]), "exec on stopped");
+    assert_fails(
+        &w.airlock(&["exec", "shell-proj", "true"]),
+        "exec on stopped",
+    );
     assert_ok(&w.airlock(&["start", "shell-proj"]), "start");
     let out = w.airlock(&["exec", "shell-proj", "cat", "/root/kept"]);
     assert_eq!(text(&out.stdout).trim(), "state");
     // Workspace writes land on the host, owned by the invoking user.
-    let out = w.airlock(&["exec", "shell-proj", "bash", "-c", &format!("echo hi > {}/made-inside", w.ws.display())]);
+    let out = w.airlock(&[
+        "exec",
+        "shell-proj",
+        "bash",
+        "-c",
+        &format!("echo hi > {}/made-inside", w.ws.display()),
+    ]);
     assert_ok(&out, "write workspace");
     let meta = std::fs::metadata(w.ws.join("made-inside")).unwrap();
     use std::os::unix::fs::MetadataExt;
@@ -58,7 +74,17 @@ fn run_is_idempotent_and_state_persists() {
 fn exec_options_and_exit_codes() {
     let w = World::new();
     let sb = w.sandbox("execopts");
-    let out = w.airlock(&["exec", "-e", "FOO=bar baz", "-w", "/tmp", &sb, "bash", "-c", "echo \"$FOO\"; pwd; id -u"]);
+    let out = w.airlock(&[
+        "exec",
+        "-e",
+        "FOO=bar baz",
+        "-w",
+        "/tmp",
+        &sb,
+        "bash",
+        "-c",
+        "echo \"$FOO\"; pwd; id -u",
+    ]);
     assert_ok(&out, "exec with -e -w");
     assert_eq!(text(&out.stdout), "bar baz\n/tmp\n0\n");
     let out = w.airlock(&["exec", &sb, "bash", "-c", "exit 42"]);
@@ -111,10 +137,16 @@ fn bad_input_is_refused_cleanly() {
         (vec!["run", "shell", &missing], "does not exist"),
         (vec!["run", "shell", "/"], "whole host"),
         (vec!["run", "shell", &home], "home directory"),
-        (vec!["run", "shell", &ws, "--name", "bad name!"], "invalid sandbox name"),
+        (
+            vec!["run", "shell", &ws, "--name", "bad name!"],
+            "invalid sandbox name",
+        ),
         (vec!["exec", "ghost", "true"], "no sandbox named"),
         (vec!["rm", "ghost"], "no sandbox named"),
-        (vec!["network", "proxy", "ghost", "--allow-host", "a.com"], "no sandbox named"),
+        (
+            vec!["network", "proxy", "ghost", "--allow-host", "a.com"],
+            "no sandbox named",
+        ),
         (vec!["run", "shell", &ws, "--isolation", "vm"], "VM backend"),
     ];
     for (args, want) in cases {
@@ -132,7 +164,11 @@ fn bad_input_is_refused_cleanly() {
     let ro = w.ro.display().to_string();
     let out = w.airlock(&["run", "shell", &ro, "--name", &sb, "--", "true"]);
     assert_fails(&out, "name clash");
-    assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(ls_json(&w).len(), 1);
     // rm of a running sandbox needs -f.
     assert_fails(&w.airlock(&["rm", &sb]), "rm running without -f");
@@ -148,10 +184,18 @@ fn killed_supervisor_is_reported_and_recovered() {
     // SAFETY: kill(2) on the supervisor pid airlock reported.
     assert_eq!(unsafe { libc::kill(sup, libc::SIGKILL) }, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::path::Path::new(&format!("/proc/{init}")).exists() && std::time::Instant::now() < deadline {
+    while std::path::Path::new(&format!("/proc/{init}")).exists()
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(!std::path::Path::new(&format!("/proc/{init}/cmdline")).exists() || std::fs::read(format!("/proc/{init}/cmdline")).unwrap().is_empty(), "sandbox init survived its supervisor");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{init}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{init}/cmdline"))
+                .unwrap()
+                .is_empty(),
+        "sandbox init survived its supervisor"
+    );
     assert_eq!(status(&w, &sb), "crashed");
     assert_ok(&w.airlock(&["start", &sb]), "start after crash");
     assert_eq!(status(&w, &sb), "running");
@@ -203,7 +247,14 @@ fn ls_and_inspect_outputs() {
     assert_eq!(v[0]["backend"], "ns");
     assert_eq!(v[0]["workspaces"][1]["read_only"], true);
     // --help has examples everywhere.
-    for sub in [vec!["run"], vec!["exec"], vec!["ls"], vec!["network", "proxy"], vec!["network", "log"], vec!["template", "build"]] {
+    for sub in [
+        vec!["run"],
+        vec!["exec"],
+        vec!["ls"],
+        vec!["network", "proxy"],
+        vec!["network", "log"],
+        vec!["template", "build"],
+    ] {
         let mut a = sub.clone();
         a.push("--help");
         let out = w.airlock(&a);

@@ -17,9 +17,16 @@ fn host_secrets_and_files_are_invisible() {
         &sb,
         "grep -rs PLANTED / --exclude-dir=proc --exclude-dir=sys 2>/dev/null | head -3; cat /proc/1/root/etc/hostname 2>&1; true",
     );
-    assert!(!text(&out.stdout).contains("PLANTED"), "{}", text(&out.stdout));
+    assert!(
+        !text(&out.stdout).contains("PLANTED"),
+        "{}",
+        text(&out.stdout)
+    );
     // The host's own home and docker socket are not there.
-    let out = w.sh(&sb, "test -e /var/run/docker.sock || test -e /run/docker.sock");
+    let out = w.sh(
+        &sb,
+        "test -e /var/run/docker.sock || test -e /run/docker.sock",
+    );
     assert_fails(&out, "docker socket present");
     // Environment: the host's API key never enters.
     let out = w.sh(&sb, "env; cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n'");
@@ -39,7 +46,10 @@ fn host_processes_are_invisible_and_untouchable() {
         .spawn()
         .unwrap();
     let pid = victim.id();
-    let out = w.sh(&sb, "ps -eo pid,args; echo; cat /proc/1/cmdline | tr '\\0' ' '");
+    let out = w.sh(
+        &sb,
+        "ps -eo pid,args; echo; cat /proc/1/cmdline | tr '\\0' ' '",
+    );
     let ps = text(&out.stdout);
     assert!(!ps.contains("123.456"), "host process visible: {ps}");
     assert!(!ps.contains("airlock __supervise"), "{ps}");
@@ -70,7 +80,10 @@ fn mounts_modules_and_namespaces_are_refused() {
     let ro = w.ro.display().to_string();
     for (what, cmd) in [
         ("mount tmpfs", "mount -t tmpfs none /mnt".to_string()),
-        ("remount :ro workspace rw", format!("mount -o remount,rw {ro}")),
+        (
+            "remount :ro workspace rw",
+            format!("mount -o remount,rw {ro}"),
+        ),
         ("bind over workspace", format!("mount --bind /tmp {ro}")),
         ("new user namespace", "unshare -U true".to_string()),
         ("new mount namespace", "unshare -m true".to_string()),
@@ -101,14 +114,20 @@ raise SystemExit(1 if bad else 0)
     // No capabilities in the workload.
     let out = w.sh(&sb, "grep -E '^Cap(Eff|Prm|Bnd|Amb)' /proc/self/status");
     for line in text(&out.stdout).lines() {
-        assert!(line.ends_with("0000000000000000"), "capability left: {line}");
+        assert!(
+            line.ends_with("0000000000000000"),
+            "capability left: {line}"
+        );
     }
     let out = w.sh(&sb, "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status");
     let s = text(&out.stdout);
     assert!(s.contains("NoNewPrivs:\t1"), "{s}");
     assert!(s.contains("Seccomp:\t2"), "{s}");
     // The :ro file is intact on the host.
-    assert_eq!(std::fs::read_to_string(w.ro.join("readme.txt")).unwrap(), "read only\n");
+    assert_eq!(
+        std::fs::read_to_string(w.ro.join("readme.txt")).unwrap(),
+        "read only\n"
+    );
 }
 
 #[test]
@@ -126,11 +145,21 @@ fn raw_network_access_goes_nowhere() {
         assert_fails(&out, what);
     }
     // The sandbox's own loopback is its own: the host service is not there.
-    let out = w.sh(&sb, &format!("timeout 5 bash -c 'echo x > /dev/tcp/127.0.0.1/{}'", w.host_port));
+    let out = w.sh(
+        &sb,
+        &format!(
+            "timeout 5 bash -c 'echo x > /dev/tcp/127.0.0.1/{}'",
+            w.host_port
+        ),
+    );
     assert_fails(&out, "host loopback service via raw TCP");
     let out = w.sh(&sb, "ip -o link show | awk '{print $2}'");
     let links = text(&out.stdout);
     assert_eq!(links.trim(), "lo:", "unexpected interfaces: {links}");
     assert!(w.outer.hits().is_empty(), "leaked: {:?}", w.outer.hits());
-    assert!(w.host_service.hits().is_empty(), "leaked: {:?}", w.host_service.hits());
+    assert!(
+        w.host_service.hits().is_empty(),
+        "leaked: {:?}",
+        w.host_service.hits()
+    );
 }

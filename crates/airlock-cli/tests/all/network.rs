@@ -4,13 +4,20 @@
 use crate::world::*;
 
 fn curl(w: &World, sb: &str, args: &str) -> (String, String) {
-    let out = w.sh(sb, &format!("curl -sS -m 10 -o - -w '\\n%{{http_code}}' {args}"));
+    let out = w.sh(
+        sb,
+        &format!("curl -sS -m 10 -o - -w '\\n%{{http_code}}' {args}"),
+    );
     let so = text(&out.stdout);
     let code = so.lines().last().unwrap_or("").to_string();
     (code, so)
 }
 
-fn find_event<'a>(evs: &'a [serde_json::Value], host: &str, port: u16) -> Vec<&'a serde_json::Value> {
+fn find_event<'a>(
+    evs: &'a [serde_json::Value],
+    host: &str,
+    port: u16,
+) -> Vec<&'a serde_json::Value> {
     evs.iter()
         .filter(|e| e["host"] == host && e["port"] == port)
         .collect()
@@ -25,13 +32,25 @@ fn forbidden_destinations_are_blocked_and_logged() {
     // in-sandbox name.
     let port = w.host_port;
     let cases: Vec<(String, String, u16)> = vec![
-        (format!("http://{METADATA_IP}/latest/meta-data/"), METADATA_IP.into(), 80),
+        (
+            format!("http://{METADATA_IP}/latest/meta-data/"),
+            METADATA_IP.into(),
+            80,
+        ),
         ("http://metadata.test/".into(), "metadata.test".into(), 80),
         (format!("http://{PRIVATE10_IP}/"), PRIVATE10_IP.into(), 80),
         ("http://internal.test/".into(), "internal.test".into(), 80),
         (format!("http://{PRIVATE192_IP}/"), PRIVATE192_IP.into(), 80),
-        (format!("http://host.docker.internal:{port}/"), "host.docker.internal".into(), port),
-        (format!("http://rebind.test:{port}/"), "rebind.test".into(), port),
+        (
+            format!("http://host.docker.internal:{port}/"),
+            "host.docker.internal".into(),
+            port,
+        ),
+        (
+            format!("http://rebind.test:{port}/"),
+            "rebind.test".into(),
+            port,
+        ),
     ];
     for (url, _, _) in &cases {
         let (code, body) = curl(&w, &sb, url);
@@ -39,11 +58,18 @@ fn forbidden_destinations_are_blocked_and_logged() {
         assert!(body.contains("airlock: blocked"), "{body}");
     }
     // CONNECT to a forbidden place is refused the same way.
-    let out = w.sh(&sb, &format!("curl -sS -m 10 -p http://{METADATA_IP}:443/ 2>&1"));
+    let out = w.sh(
+        &sb,
+        &format!("curl -sS -m 10 -p http://{METADATA_IP}:443/ 2>&1"),
+    );
     assert_fails(&out, "CONNECT to metadata");
     // Nothing arrived anywhere.
     assert!(w.outer.hits().is_empty(), "leaked: {:?}", w.outer.hits());
-    assert!(w.host_service.hits().is_empty(), "leaked: {:?}", w.host_service.hits());
+    assert!(
+        w.host_service.hits().is_empty(),
+        "leaked: {:?}",
+        w.host_service.hits()
+    );
     // Every attempt is an event with a rule and a reason.
     let evs = w.events(&sb);
     for (_, host, port) in &cases {
@@ -59,7 +85,10 @@ fn forbidden_destinations_are_blocked_and_logged() {
     let out = w.airlock(&["network", "log", &sb]);
     assert_ok(&out, "network log");
     let t = text(&out.stdout);
-    assert!(t.contains("169.254.169.254:80") && t.contains("BLOCKED"), "{t}");
+    assert!(
+        t.contains("169.254.169.254:80") && t.contains("BLOCKED"),
+        "{t}"
+    );
     // And the audit file has the same events as JSON lines.
     let audit = std::fs::read_to_string(w.data_dir().join("audit.jsonl")).unwrap();
     assert!(audit.lines().count() >= cases.len(), "{audit}");
@@ -75,7 +104,13 @@ fn host_service_opens_with_a_live_policy_change() {
     let (code, _) = curl(&w, &sb, &url);
     assert_eq!(code, "403");
     assert!(w.host_service.hits().is_empty());
-    let out = w.airlock(&["network", "proxy", &sb, "--allow-host", &format!("localhost:{port}")]);
+    let out = w.airlock(&[
+        "network",
+        "proxy",
+        &sb,
+        "--allow-host",
+        &format!("localhost:{port}"),
+    ]);
     assert_ok(&out, "network proxy --allow-host");
     let (code, body) = curl(&w, &sb, &url);
     assert_eq!(code, "200", "{body}");
@@ -84,7 +119,14 @@ fn host_service_opens_with_a_live_policy_change() {
     // The alias works too, and another port stays closed.
     let (code, _) = curl(&w, &sb, &format!("http://host.airlock.internal:{port}/"));
     assert_eq!(code, "200");
-    let (code, _) = curl(&w, &sb, &format!("http://host.docker.internal:{}/", port.wrapping_add(1).max(1)));
+    let (code, _) = curl(
+        &w,
+        &sb,
+        &format!(
+            "http://host.docker.internal:{}/",
+            port.wrapping_add(1).max(1)
+        ),
+    );
     assert_eq!(code, "403");
     // A name that rebinds to loopback is still blocked: the rule names
     // localhost, not rebind.test.
@@ -92,7 +134,14 @@ fn host_service_opens_with_a_live_policy_change() {
     assert_eq!(code, "403");
     assert_eq!(w.host_service.hits().len(), 2);
     let evs = w.events(&sb);
-    assert!(evs.iter().any(|e| e["action"] == "allow" && e["rule"].as_str().unwrap().contains(&format!("localhost:{port}"))), "{evs:?}");
+    assert!(
+        evs.iter().any(|e| e["action"] == "allow"
+            && e["rule"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("localhost:{port}"))),
+        "{evs:?}"
+    );
 }
 
 #[test]
@@ -102,7 +151,15 @@ fn deny_mode_allows_only_what_is_listed() {
     // Allow mode: a public name goes through.
     let (code, body) = curl(&w, &sb, "http://allowed.test/a");
     assert_eq!(code, "200", "{body}");
-    let out = w.airlock(&["network", "proxy", &sb, "--policy", "deny", "--allow-host", "allowed.test"]);
+    let out = w.airlock(&[
+        "network",
+        "proxy",
+        &sb,
+        "--policy",
+        "deny",
+        "--allow-host",
+        "allowed.test",
+    ]);
     assert_ok(&out, "network proxy --policy deny");
     let (code, body) = curl(&w, &sb, "-X POST -d secret=1 http://blocked.test/upload");
     assert_eq!(code, "403", "{body}");
@@ -111,15 +168,31 @@ fn deny_mode_allows_only_what_is_listed() {
     let (code, body) = curl(&w, &sb, "-X POST -d ok=1 http://allowed.test/b");
     assert_eq!(code, "200", "{body}");
     // HTTPS-style tunnel to an allowed host reaches it; to others not.
-    let out = w.sh(&sb, "curl -sS -m 10 -p http://allowed.test:443/ -o /dev/null -w '%{http_connect}'");
+    let out = w.sh(
+        &sb,
+        "curl -sS -m 10 -p http://allowed.test:443/ -o /dev/null -w '%{http_connect}'",
+    );
     assert!(text(&out.stdout).contains("200"), "{}", text(&out.stdout));
-    let out = w.sh(&sb, "curl -sS -m 10 -p http://blocked.test:443/ -o /dev/null -w '%{http_connect}'");
+    let out = w.sh(
+        &sb,
+        "curl -sS -m 10 -p http://blocked.test:443/ -o /dev/null -w '%{http_connect}'",
+    );
     assert!(text(&out.stdout).contains("403"), "{}", text(&out.stdout));
-    assert!(w.outer.hits_to(BLOCKED_IP).is_empty(), "leaked: {:?}", w.outer.hits_to(BLOCKED_IP));
+    assert!(
+        w.outer.hits_to(BLOCKED_IP).is_empty(),
+        "leaked: {:?}",
+        w.outer.hits_to(BLOCKED_IP)
+    );
     let hits = w.outer.hits_to(ALLOWED_IP);
-    assert!(hits.iter().any(|h| h.first_line.starts_with("POST /b")), "{hits:?}");
+    assert!(
+        hits.iter().any(|h| h.first_line.starts_with("POST /b")),
+        "{hits:?}"
+    );
     let evs = w.events(&sb);
-    let blocked_post = evs.iter().find(|e| e["host"] == "blocked.test").expect("event for blocked.test");
+    let blocked_post = evs
+        .iter()
+        .find(|e| e["host"] == "blocked.test")
+        .expect("event for blocked.test");
     assert_eq!(blocked_post["action"], "block");
     assert_eq!(blocked_post["method"], "POST");
     // inspect shows the policy
