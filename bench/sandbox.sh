@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 RUNS="${1:-20}"
 command -v hyperfine >/dev/null || apt-get install -y -q hyperfine >/dev/null
 command -v bwrap >/dev/null || apt-get install -y -q bubblewrap >/dev/null
+# srt needs ripgrep and socat at run time.
+command -v rg >/dev/null && command -v socat >/dev/null || apt-get install -y -q ripgrep socat >/dev/null
 if ! command -v srt >/dev/null; then
     timeout 600 npm install -g @anthropic-ai/sandbox-runtime@0.0.78 >/dev/null 2>&1 || echo "srt not installable; skipping it" >&2
 fi
