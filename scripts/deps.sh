@@ -11,6 +11,7 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v ip >/dev/null || need+=(iproute2)
 command -v script >/dev/null || need+=(bsdutils)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v newuidmap >/dev/null || need+=(uidmap)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 if ((${#need[@]})); then

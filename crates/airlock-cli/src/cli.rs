@@ -265,6 +265,16 @@ pub enum TemplateCmd {
         #[arg(long = "package", value_name = "PKG")]
         packages: Vec<String>,
     },
+    /// Create a template from a root filesystem tarball (e.g. one mmdebstrap wrote)
+    #[command(after_help = "Example:
+  mmdebstrap --variant=apt trixie root.tar && airlock template import base root.tar")]
+    Import {
+        name: String,
+        tarball: std::path::PathBuf,
+        /// Debian suite the tarball holds (recorded only)
+        #[arg(long, default_value = "trixie")]
+        suite: String,
+    },
     /// Remove a template (sandboxes using it must be removed first)
     Rm { name: String },
 }

@@ -632,6 +632,23 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                 t.rootfs.display()
             );
         }
+        TemplateCmd::Import {
+            name,
+            tarball,
+            suite,
+        } => {
+            if !tarball.is_file() {
+                bail!("{} is not a file", tarball.display());
+            }
+            let mut progress = template_progress();
+            let t = store.import(&name, &tarball, &suite, "", vec![], &mut progress)?;
+            println!(
+                "{} ({:.0} MB) at {}",
+                t.name,
+                t.size_bytes as f64 / 1e6,
+                t.rootfs.display()
+            );
+        }
         TemplateCmd::Rm { name } => {
             let _lock = mgr.lock()?;
             let users: Vec<String> = mgr

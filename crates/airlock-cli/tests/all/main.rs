@@ -7,3 +7,4 @@ mod world;
 mod attacker;
 mod lifecycle;
 mod network;
+mod unprivileged;
