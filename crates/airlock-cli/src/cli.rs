@@ -93,6 +93,9 @@ pub enum Command {
     /// Root filesystem templates
     #[command(subcommand)]
     Template(TemplateCmd),
+    /// API keys kept on the host and injected by the egress engine (values are never printed)
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// Check what this host supports
     #[command(after_help = "Example:\n  airlock doctor")]
     Doctor {
@@ -276,5 +279,28 @@ pub enum TemplateCmd {
         suite: String,
     },
     /// Remove a template (sandboxes using it must be removed first)
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretCmd {
+    /// Store a secret (value read from stdin, never from the command line)
+    #[command(
+        after_help = "Secret names are the providers' secret names: anthropic, openai, google, github
+(or a user-defined provider's). A key in the host environment at `run` time
+(ANTHROPIC_API_KEY, OPENAI_API_KEY, GEMINI_API_KEY/GOOGLE_API_KEY, GH_TOKEN/GITHUB_TOKEN)
+takes precedence over a stored one.
+
+Examples:
+  airlock secret set anthropic            # prompts without echo
+  pass show anthropic | airlock secret set anthropic"
+    )]
+    Set { name: String },
+    /// List stored secret names and the providers that use them
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a stored secret
     Rm { name: String },
 }

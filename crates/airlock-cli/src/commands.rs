@@ -2,7 +2,8 @@
 //! `airlock_sandbox::Manager`, and output.
 
 use crate::cli::{
-    Cli, Command, ExecArgs, Isolation, ModeArg, NetworkCmd, ProxyArgs, RunArgs, TemplateCmd,
+    Cli, Command, ExecArgs, Isolation, ModeArg, NetworkCmd, ProxyArgs, RunArgs, SecretCmd,
+    TemplateCmd,
 };
 use airlock_policy::{Action, Mode, Policy, Rule};
 use airlock_sandbox::{agents, workspace, CreateSpec, ExecOptions, Manager};
@@ -99,6 +100,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             follow,
         }) => cmd_log(&mgr, name, json, limit, follow),
         Command::Template(t) => cmd_template(&mgr, t),
+        Command::Secret(c) => cmd_secret(&mgr, c),
         Command::Doctor { json } => cmd_doctor(&mgr, json),
     }
 }
@@ -733,4 +735,96 @@ fn which(prog: &str) -> Option<PathBuf> {
             .map(|d| d.join(prog))
             .find(|p| p.is_file())
     })
+}
+
+fn cmd_secret(mgr: &Manager, c: SecretCmd) -> Result<i32> {
+    use airlock_secrets::{Secret, SecretStore};
+    mgr.paths.ensure()?;
+    let store = SecretStore::open(&mgr.paths.data);
+    let providers = airlock_secrets::load_providers(&mgr.paths.data)?;
+    match c {
+        SecretCmd::Set { name } => {
+            if !providers.iter().any(|p| p.secret_name == name) {
+                let mut known: Vec<&str> =
+                    providers.iter().map(|p| p.secret_name.as_str()).collect();
+                known.dedup();
+                bail!(
+                    "no provider uses a secret named {name:?}; known: {} (add providers in {})",
+                    known.join(", "),
+                    mgr.paths
+                        .data
+                        .join(airlock_secrets::PROVIDERS_FILE)
+                        .display()
+                );
+            }
+            let value = read_secret_value(&name)?;
+            if value.is_empty() {
+                bail!("empty value; nothing stored");
+            }
+            store.set(&name, Secret::new(value))?;
+            eprintln!("stored secret {name:?} in {}", store.path().display());
+        }
+        SecretCmd::Ls { json: as_json } => {
+            let names = store.list()?;
+            let rows: Vec<(String, Vec<String>)> = names
+                .iter()
+                .map(|n| {
+                    let users = providers
+                        .iter()
+                        .filter(|p| &p.secret_name == n)
+                        .map(|p| p.name.clone())
+                        .collect();
+                    (n.clone(), users)
+                })
+                .collect();
+            if as_json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(n, p)| json!({"name": n, "providers": p}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<[String; 2]> =
+                    rows.into_iter().map(|(n, p)| [n, p.join(", ")]).collect();
+                print_table(&["NAME", "PROVIDERS"], &rows);
+            }
+        }
+        SecretCmd::Rm { name } => {
+            if !store.remove(&name)? {
+                bail!("no stored secret named {name:?} (see `airlock secret ls`)");
+            }
+            println!("{name}");
+        }
+    }
+    Ok(0)
+}
+
+/// The value from stdin: prompted without echo on a terminal, else the
+/// first line.
+fn read_secret_value(name: &str) -> Result<String> {
+    use std::io::BufRead;
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let mut saved = None;
+    if tty {
+        eprint!("value for {name}: ");
+        // SAFETY: termios calls on fd 0, which is a terminal.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) == 0 {
+                saved = Some(t);
+                t.c_lflag &= !libc::ECHO;
+                libc::tcsetattr(0, libc::TCSANOW, &t);
+            }
+        }
+    }
+    let mut line = String::new();
+    let r = stdin.lock().read_line(&mut line);
+    if let Some(t) = saved {
+        // SAFETY: restoring the attributes read above.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        eprintln!();
+    }
+    r.context("reading the secret from stdin")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
