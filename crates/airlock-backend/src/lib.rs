@@ -2,13 +2,14 @@
 //!
 //! Owns: creating a sandbox's isolation boundary around the guest agent and
 //! nothing more — namespaces, mounts, uid/gid mappings, Landlock, seccomp,
-//! no_new_privs ([`ns`], the namespace backend), and later the VM backend —
-//! plus each backend's runtime availability probe.
+//! no_new_privs ([`ns`], the namespace backend), the QEMU microVM ([`vm`])
+//! — plus each backend's runtime availability probe.
 //!
 //! Must not: talk the host↔guest protocol beyond handing the guest its
 //! [`airlock_protocol::GuestConfig`], touch the egress engine (it only
 //! receives the path of its socket), or keep state on disk besides the
-//! sandbox's layer directory it is given.
+//! sandbox's layer directory it is given (and, for the VM backend, its
+//! shared caches: kernel, initramfs, root images; see [`vm`]).
 //!
 //! # Wiring the namespace backend into a binary
 //! The namespace backend re-executes a program (by default the running
@@ -31,18 +32,21 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub mod net;
 pub mod ns;
 pub mod seccomp;
 mod sys;
+pub mod vm;
 
 pub use ns::{ns_init_if_requested, NamespaceBackend, NS_INIT_ARG};
+pub use vm::{VmBackend, VmConfig};
 
 /// Which isolation a backend provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// Linux namespaces + seccomp + Landlock + no_new_privs (`ns`).
     Namespace,
-    /// One lightweight VM per sandbox (`vm`); not implemented in this crate yet.
+    /// One QEMU microVM per sandbox (`vm`, see [`vm::VmBackend`]).
     Vm,
 }
 
@@ -105,6 +109,23 @@ pub trait Instance: Send {
     /// SIGTERM the init, SIGKILL after `grace`; returns once it is dead. The
     /// whole sandbox (its pid namespace) dies with its init.
     fn terminate(&mut self, grace: Duration) -> Result<(), BackendError>;
+    /// The guest's network device, for [`NetworkMode::Tap`]: the TAP fd to serve with
+    /// the user-space stack. Returns it once; `None` in loopback mode.
+    fn take_network_fd(&mut self) -> Option<OwnedFd> {
+        None
+    }
+}
+
+/// The sandbox's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NetworkMode {
+    /// Only `lo`; the guest agent relays 127.0.0.1:3128 to the egress socket.
+    #[default]
+    Loopback,
+    /// `lo` plus a TAP `eth0` (10.0.2.15/24, default route via 10.0.2.2, MTU 65520),
+    /// created inside the sandbox's network namespace. The supervisor serves its fd
+    /// ([`Instance::take_network_fd`]) with the user-space stack. See [`net`].
+    Tap,
 }
 
 /// A host directory made visible inside at the same absolute path.

@@ -778,3 +778,91 @@ fn supervisor_inner() {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+/// `NetworkMode::Tap`: the init creates `eth0` (10.0.2.15/24, MTU 65520, no IPv6) with
+/// a default route via 10.0.2.2 inside the sandbox's netns and hands the TAP fd over.
+#[test]
+fn tap_network_mode() {
+    use airlock_backend::NetworkMode;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let sb = Sandbox::new();
+    let guest = sb.script(
+        r#"
+r() { echo "RESULT $1=$2"; }
+r links "$(ls /sys/class/net | tr '\n' ' ')"
+r mtu "$(cat /sys/class/net/eth0/mtu)"
+r up "$(cat /sys/class/net/eth0/operstate)"
+grep -q '10.0.2.15' /proc/net/fib_trie && r addr yes || r addr no
+r gw "$(awk '$1=="eth0" && $2=="00000000" {print $3}' /proc/net/route)"
+r v6 "$(cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null || echo none)"
+r fds "$(ls /proc/self/fd | sort -n | tr '\n' ' ')"
+# Send one frame: an ARP request for the gateway shows up on the TAP fd.
+bash -c 'echo x > /dev/udp/10.0.2.2/9' 2>/dev/null
+true
+"#,
+    );
+    let mut inst = NamespaceBackend::with_init_program(init_program())
+        .with_network(NetworkMode::Tap)
+        .launch(sb.spec(&guest, vec![]))
+        .unwrap_or_else(|e| panic!("launch failed: {e}\nconsole:\n{}", sb.console_text()));
+    let tap = inst.take_network_fd().expect("TAP fd received");
+    assert!(
+        inst.take_network_fd().is_none(),
+        "the fd is handed out once"
+    );
+    let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", tap.as_raw_fd())).unwrap();
+    assert!(fdinfo.contains("iff:\teth0"), "not the TAP eth0: {fdinfo}");
+    // The guest's first frame (ARP for 10.0.2.2) arrives on the fd.
+    let mut pfd = libc::pollfd {
+        fd: tap.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+    assert_eq!(
+        ready,
+        1,
+        "no frame from the guest within 20 s\n{}",
+        sb.console_text()
+    );
+    let mut f = fs::File::from(tap);
+    let mut buf = vec![0u8; 70000];
+    let n = f.read(&mut buf).unwrap();
+    assert!(n >= 42, "short frame {n}");
+    assert_eq!(
+        &buf[12..14],
+        &[0x08, 0x06],
+        "expected ARP, got {:02x?}",
+        &buf[..n.min(64)]
+    );
+    assert_eq!(&buf[38..42], &[10, 0, 2, 2], "ARP target");
+    let status = wait_timeout(&mut *inst, Duration::from_secs(60));
+    let log = sb.console_text();
+    assert!(status.success(), "{status}\n{log}");
+    let mut r = HashMap::new();
+    for line in log.lines() {
+        if let Some((k, v)) = line
+            .strip_prefix("RESULT ")
+            .and_then(|kv| kv.split_once('='))
+        {
+            r.insert(k.to_string(), v.to_string());
+        }
+    }
+    r.insert("__log".into(), log.clone());
+    let links = get(&r, "links");
+    assert!(links.contains("eth0") && links.contains("lo"), "{links}");
+    assert_eq!(get(&r, "mtu"), "65520");
+    assert_eq!(get(&r, "addr"), "yes");
+    assert_eq!(get(&r, "gw"), "0202000A", "default route via 10.0.2.2");
+    assert_eq!(get(&r, "v6"), "1");
+    assert_eq!(
+        get(&r, "up"),
+        "unknown",
+        "TAP with a reader is up (operstate unknown)"
+    );
+    // The TAP fd and the socket it came over were not left to the guest.
+    let fds: Vec<&str> = get(&r, "fds").split_whitespace().collect();
+    assert!(fds.len() <= 5, "unexpected fds in the guest: {fds:?}");
+}

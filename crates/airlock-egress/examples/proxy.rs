@@ -2,6 +2,11 @@
 //!
 //! cargo run --release -p airlock-egress --example proxy -- --listen 127.0.0.1:PORT \
 //!     [--allow-cidr C]... [--allow-host P]... [--block-host P]... [--policy allow|deny] [--log]
+//!     [--bypass-host P]... [--bypass-cidr C]... [--tls-ca-dir DIR]
+//!
+//! With `--tls-ca-dir DIR` the proxy terminates TLS on allowed, non-bypassed CONNECTs with
+//! the CA in DIR (created on first use); upstreams are verified against the native roots
+//! plus `$AIRLOCK_UPSTREAM_EXTRA_CA` (a PEM file) if set.
 //!
 //! With `--log` every event is printed to stderr as a JSON line; otherwise events are
 //! only counted, and the count is printed on SIGINT/SIGTERM.
@@ -10,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use airlock_egress::{Egress, EgressConfig, EventSink, SystemResolver};
+use airlock_egress::{Egress, EgressConfig, EventSink, SystemResolver, TlsTermination};
 use airlock_policy::{Action, Event, Mode, Policy, Rule};
 
 struct Sink {
@@ -30,13 +35,21 @@ impl EventSink for Sink {
 }
 
 const USAGE: &str = "usage: proxy --listen ADDR:PORT [--policy allow|deny] [--allow-cidr C]... [--allow-host P]... \
-[--block-cidr C]... [--block-host P]... [--log]";
+[--block-cidr C]... [--block-host P]... [--bypass-host P]... [--bypass-cidr C]... [--tls-ca-dir DIR] [--log]";
 
-fn parse_args() -> Result<(String, Policy, bool), String> {
+struct Args {
+    listen: String,
+    policy: Policy,
+    log: bool,
+    tls_ca_dir: Option<std::path::PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut listen = None;
     let mut policy = Policy::default();
     let mut log = false;
+    let mut tls_ca_dir = None;
     while let Some(a) = args.next() {
         let mut val = || {
             args.next()
@@ -57,20 +70,33 @@ fn parse_args() -> Result<(String, Policy, bool), String> {
             "--block-host" => {
                 policy.add(Rule::host(Action::Block, &val()?).map_err(|e| e.to_string())?)
             }
+            "--bypass-cidr" => {
+                policy.add(Rule::cidr(Action::Bypass, &val()?).map_err(|e| e.to_string())?)
+            }
+            "--bypass-host" => {
+                policy.add(Rule::host(Action::Bypass, &val()?).map_err(|e| e.to_string())?)
+            }
+            "--tls-ca-dir" => tls_ca_dir = Some(val()?.into()),
             "--log" => log = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    Ok((
-        listen.ok_or_else(|| format!("--listen is required\n{USAGE}"))?,
+    Ok(Args {
+        listen: listen.ok_or_else(|| format!("--listen is required\n{USAGE}"))?,
         policy,
         log,
-    ))
+        tls_ca_dir,
+    })
 }
 
 fn main() -> ExitCode {
-    let (listen, policy, log) = match parse_args() {
+    let Args {
+        listen,
+        policy,
+        log,
+        tls_ca_dir,
+    } = match parse_args() {
         Ok(x) => x,
         Err(e) => {
             eprintln!("{e}");
@@ -99,12 +125,20 @@ fn main() -> ExitCode {
             policy.rules.len(),
             policy.mode
         );
-        let egress = Arc::new(Egress::new(EgressConfig {
+        let mut egress = Egress::new(EgressConfig {
             sandbox: "bench".into(),
             policy,
             sink: sink.clone(),
             resolver: Arc::new(SystemResolver),
-        }));
+        });
+        if let Some(dir) = tls_ca_dir {
+            let ca = airlock_tls::Ca::load_or_create(&dir).map_err(std::io::Error::other)?;
+            let upstream =
+                airlock_tls::upstream_client_config_from_env().map_err(std::io::Error::other)?;
+            eprintln!("proxy: terminating TLS with {}", ca.cert_path().display());
+            egress = egress.with_tls(Arc::new(TlsTermination::new(Arc::new(ca), upstream)));
+        }
+        let egress = Arc::new(egress);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = egress.serve_tcp(l) => r,

@@ -4,7 +4,10 @@
 //! every request with [`airlock_policy::Policy`], dials only the address it checked
 //! (resolve → classify → dial; no DNS rebinding), streams bodies and tunnels without
 //! buffering them, and reports one [`airlock_policy::Event`] per decision to an
-//! [`EventSink`].
+//! [`EventSink`]. With [`Egress::with_tls`], allowed non-bypassed CONNECTs are TLS-terminated
+//! (module `mitm`): SNI and Host are checked against the CONNECT (domain fronting), every
+//! request is decided and logged, and [`Egress::with_credentials`] injects API keys for
+//! provider hosts and refuses their placeholders elsewhere.
 //!
 //! Must not: persist events (the sink does), know about sandboxes' lifecycle, or put
 //! policy evaluation or logging on the per-byte data path. Policy evaluation happens
@@ -25,9 +28,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 
 mod body;
+pub mod dns;
+mod mitm;
 mod proxy;
 mod splice;
 pub mod target;
+pub mod transparent;
 
 /// Receives one event per decision. Called off the data path, once per exchange; must not
 /// block (push into a channel).
@@ -125,6 +131,12 @@ pub struct Egress {
     sink: Arc<dyn EventSink>,
     resolver: Arc<dyn Resolver>,
     limits: Limits,
+    /// Name → addresses airlock's DNS answered ([`dns`]), consulted by [`transparent`].
+    pins: dns::Pins,
+    /// TLS termination for CONNECT/443 (see [`Egress::with_tls`]); `None` = tunnel.
+    tls: Option<Arc<TlsTermination>>,
+    /// Credentials injected into terminated requests ([`Egress::with_credentials`]).
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl Egress {
@@ -139,6 +151,9 @@ impl Egress {
             sink: cfg.sink,
             resolver: cfg.resolver,
             limits,
+            pins: dns::Pins::default(),
+            tls: None,
+            credentials: None,
         }
     }
 
@@ -248,6 +263,8 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
+pub use airlock_secrets::Credentials;
+pub use mitm::TlsTermination;
 pub use target::{Target, TargetError};
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use crate::splice;
 use crate::target::{connect_target, http_target, Target, TargetError};
 use crate::{now_rfc3339, Egress};
 
-const REUSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+pub(crate) const REUSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The upstream connection kept for the next request of the same client connection.
 struct Upstream {
@@ -92,7 +92,7 @@ fn bad_event(egress: &Egress, method: &str, reason: String) -> Event {
 }
 
 /// Why we could not get an upstream connection.
-enum DialError {
+pub(crate) enum DialError {
     Blocked(Decision, Option<IpAddr>),
     /// Allowed, but resolving or connecting failed.
     Failed {
@@ -113,7 +113,7 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::UPGRADE,
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -222,73 +222,6 @@ impl Conn {
         )
     }
 
-    /// Resolve, decide every address, dial the first allowed one that answers.
-    async fn dial(
-        &self,
-        policy: &Policy,
-        t: &Target,
-        by_name: &Decision,
-    ) -> Result<(TcpStream, IpAddr, Decision), DialError> {
-        let addrs = match self.egress.lookup(&t.host, t.port).await {
-            Ok(a) => a,
-            Err(e) => {
-                return Err(DialError::Failed {
-                    decision: by_name.clone(),
-                    addr: None,
-                    why: format!("resolve {}: {e}", t.host),
-                })
-            }
-        };
-        let mut first_block = None;
-        let mut allowed = Vec::with_capacity(addrs.len());
-        for a in addrs {
-            let d = policy.decide(&PolicyRequest {
-                host: &t.host,
-                port: t.port,
-                addr: Some(a),
-            });
-            if d.is_allowed() {
-                allowed.push((a, d));
-            } else if first_block.is_none() {
-                first_block = Some((d, a));
-            }
-        }
-        if allowed.is_empty() {
-            let (d, a) =
-                first_block.unwrap_or_else(|| (by_name.clone(), IpAddr::from([0, 0, 0, 0])));
-            return Err(DialError::Blocked(d, Some(a)));
-        }
-        let mut last = None;
-        for (a, d) in allowed {
-            match tokio::time::timeout(
-                self.egress.limits.connect_timeout,
-                TcpStream::connect(SocketAddr::new(a, t.port)),
-            )
-            .await
-            {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok((s, a, d));
-                }
-                Ok(Err(e)) => last = Some((d, a, e.to_string())),
-                Err(_) => last = Some((d, a, "connect timed out".to_string())),
-            }
-        }
-        // `allowed` was not empty, so the loop ran and set `last`.
-        let (decision, a, why) = last.unwrap_or_else(|| {
-            (
-                by_name.clone(),
-                IpAddr::from([0, 0, 0, 0]),
-                "no address".into(),
-            )
-        });
-        Err(DialError::Failed {
-            decision,
-            addr: Some(a),
-            why: format!("connect {}: {why}", SocketAddr::new(a, t.port)),
-        })
-    }
-
     async fn connect(
         &self,
         mut req: Request<Incoming>,
@@ -301,7 +234,7 @@ impl Conn {
             port: t.port,
             addr: None,
         });
-        let (upstream, addr, d) = match self.dial(policy, &t, &by_name).await {
+        let (upstream, addr, d) = match self.egress.dial(policy, &t, &by_name).await {
             Ok(x) => x,
             Err(DialError::Blocked(d, a)) => return self.blocked(&method, &t, d, a),
             Err(DialError::Failed {
@@ -314,14 +247,24 @@ impl Conn {
         let ev = self.event(&method, &t, Some(addr), &d);
         let egress = self.egress.clone();
         let buf = egress.limits.tunnel_buf;
+        // TLS termination, unless the policy says bypass (certificate pinning).
+        let intercept = egress.tls.is_some() && !d.is_bypass();
         tokio::spawn(async move {
             let counters = Arc::new(Counters::default());
-            let guard = EventGuard {
-                egress,
+            let mut guard = EventGuard {
+                egress: egress.clone(),
                 event: Some(Box::new(ev)),
                 counters: counters.clone(),
             };
             match on_upgrade.await {
+                Ok(up) if intercept => {
+                    let dialed = crate::mitm::Dialed {
+                        stream: upstream,
+                        addr,
+                        decision: d,
+                    };
+                    crate::mitm::after_connect(egress, up, t, dialed, &mut guard).await;
+                }
                 Ok(up) => {
                     if let Err(e) = tunnel(up, upstream, &counters, buf).await {
                         tracing::debug!("tunnel {t}: {e}");
@@ -347,6 +290,28 @@ impl Conn {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let method = parts.method.clone();
+        // Plain HTTP never carries credentials: a placeholder here is a leak attempt.
+        if let Some(creds) = &self.egress.credentials {
+            let leak = parts
+                .headers
+                .iter()
+                .find(|(_, v)| creds.contains_placeholder(v.as_bytes()))
+                .map(|(n, _)| format!("header {n}"))
+                .or_else(|| {
+                    creds
+                        .contains_placeholder(parts.uri.to_string().as_bytes())
+                        .then(|| "URL".to_string())
+                });
+            if let Some(place) = leak {
+                let d = Decision::Block {
+                    rule: "credential-placeholder".into(),
+                    reason: format!(
+                        "credential placeholder sent to non-provider host (plain HTTP, in {place})"
+                    ),
+                };
+                return self.blocked(&method, &t, d, None);
+            }
+        }
         // Upstream request: origin-form, HTTP/1.1, no hop-by-hop headers, Host = target.
         let pq = parts
             .uri
@@ -420,7 +385,7 @@ impl Conn {
             port: t.port,
             addr: None,
         });
-        let (stream, addr, d) = match self.dial(policy, &t, &by_name).await {
+        let (stream, addr, d) = match self.egress.dial(policy, &t, &by_name).await {
             Ok(x) => x,
             Err(DialError::Blocked(d, a)) => return self.blocked(&method, &t, d, a),
             Err(DialError::Failed {
@@ -494,7 +459,12 @@ impl Conn {
 }
 
 /// Splice both ways when the client leg is a plain socket (TCP or Unix), else copy.
-async fn tunnel(up: Upgraded, mut upstream: TcpStream, c: &Counters, buf: usize) -> io::Result<()> {
+pub(crate) async fn tunnel(
+    up: Upgraded,
+    mut upstream: TcpStream,
+    c: &Counters,
+    buf: usize,
+) -> io::Result<()> {
     let up = match up.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             upstream.write_all(&parts.read_buf).await?;
@@ -521,7 +491,7 @@ async fn tunnel(up: Upgraded, mut upstream: TcpStream, c: &Counters, buf: usize)
         .map(|_| ())
 }
 
-fn text_response(
+pub(crate) fn text_response(
     status: StatusCode,
     body: String,
     block_rule: Option<&str>,
@@ -549,7 +519,7 @@ struct CountingStream<'a> {
     counters: &'a Counters,
 }
 
-fn add(c: &AtomicU64, n: usize) {
+pub(crate) fn add(c: &AtomicU64, n: usize) {
     c.fetch_add(n as u64, Ordering::Relaxed);
 }
 
@@ -585,5 +555,74 @@ impl AsyncWrite for CountingStream<'_> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Egress {
+    /// Resolve, decide every address, dial the first allowed one that answers.
+    pub(crate) async fn dial(
+        &self,
+        policy: &Policy,
+        t: &Target,
+        by_name: &Decision,
+    ) -> Result<(TcpStream, IpAddr, Decision), DialError> {
+        let addrs = match self.lookup(&t.host, t.port).await {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(DialError::Failed {
+                    decision: by_name.clone(),
+                    addr: None,
+                    why: format!("resolve {}: {e}", t.host),
+                })
+            }
+        };
+        let mut first_block = None;
+        let mut allowed = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            let d = policy.decide(&PolicyRequest {
+                host: &t.host,
+                port: t.port,
+                addr: Some(a),
+            });
+            if d.is_allowed() {
+                allowed.push((a, d));
+            } else if first_block.is_none() {
+                first_block = Some((d, a));
+            }
+        }
+        if allowed.is_empty() {
+            let (d, a) =
+                first_block.unwrap_or_else(|| (by_name.clone(), IpAddr::from([0, 0, 0, 0])));
+            return Err(DialError::Blocked(d, Some(a)));
+        }
+        let mut last = None;
+        for (a, d) in allowed {
+            match tokio::time::timeout(
+                self.limits.connect_timeout,
+                TcpStream::connect(SocketAddr::new(a, t.port)),
+            )
+            .await
+            {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok((s, a, d));
+                }
+                Ok(Err(e)) => last = Some((d, a, e.to_string())),
+                Err(_) => last = Some((d, a, "connect timed out".to_string())),
+            }
+        }
+        // `allowed` was not empty, so the loop ran and set `last`.
+        let (decision, a, why) = last.unwrap_or_else(|| {
+            (
+                by_name.clone(),
+                IpAddr::from([0, 0, 0, 0]),
+                "no address".into(),
+            )
+        });
+        Err(DialError::Failed {
+            decision,
+            addr: Some(a),
+            why: format!("connect {}: {why}", SocketAddr::new(a, t.port)),
+        })
     }
 }

@@ -11,6 +11,10 @@
 //! environment and the listening control socket as `control_fd`. Outside
 //! PID 1 (tests) it still works: it skips the host name, becomes a child
 //! subreaper, and never signals processes it did not start.
+//!
+//! VM mode ([`vm`]): as the init of an airlock microVM (PID 1, no
+//! `AIRLOCK_GUEST_CONFIG`, the backend's files in the initramfs) it first
+//! sets the machine up, then serves on AF_VSOCK; shutting down powers off.
 
 mod child;
 mod exec;
@@ -20,6 +24,7 @@ mod reaper;
 mod spec;
 mod sys;
 mod users;
+mod vm;
 
 use airlock_protocol::{GuestConfig, GUEST_CONFIG_ENV};
 use log::{debug, error, warning};
@@ -39,6 +44,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
+            if vm::detect() {
+                // Init of a VM must not exit (the kernel would panic).
+                vm::power_off();
+            }
             ExitCode::from(1)
         }
     }
@@ -65,11 +74,24 @@ fn run() -> Result<(), String> {
     }
     log::set_debug(debug_flag);
 
-    let raw = std::env::var(GUEST_CONFIG_ENV).map_err(|_| {
-        format!("${GUEST_CONFIG_ENV} is not set: the backend passes the configuration there")
-    })?;
-    let cfg: GuestConfig = serde_json::from_str(&raw)
-        .map_err(|e| format!("${GUEST_CONFIG_ENV} is not a valid configuration: {e}"))?;
+    let vm_mode = vm::detect();
+    let (cfg, vm_conf) = if vm_mode {
+        reaper::set_vm_mode();
+        match vm::setup() {
+            Ok((cfg, conf)) => (cfg, Some(conf)),
+            Err(e) => {
+                error!("VM setup failed: {e}");
+                vm::power_off();
+            }
+        }
+    } else {
+        let raw = std::env::var(GUEST_CONFIG_ENV).map_err(|_| {
+            format!("${GUEST_CONFIG_ENV} is not set: the backend passes the configuration there")
+        })?;
+        let cfg: GuestConfig = serde_json::from_str(&raw)
+            .map_err(|e| format!("${GUEST_CONFIG_ENV} is not a valid configuration: {e}"))?;
+        (cfg, None)
+    };
     // Nothing we start may see our own environment (it carries the config).
     for (k, _) in std::env::vars_os() {
         std::env::remove_var(k);
@@ -107,17 +129,38 @@ fn run() -> Result<(), String> {
 
     reaper::start(pid1).map_err(|e| format!("cannot start the reaper: {e}"))?;
 
-    let listener = control_listener(cfg.control_fd)?;
+    let listener = match &vm_conf {
+        Some(conf) => {
+            let port = conf.port.unwrap_or(vm::CONTROL_PORT);
+            let sport = conf.shutdown_port.unwrap_or(vm::SHUTDOWN_PORT);
+            if let Err(e) = vm::start_shutdown_listener(sport) {
+                warning!("cannot listen on vsock port {sport} for shutdown requests: {e}");
+            }
+            let l = vm::vsock_listen(port)
+                .map_err(|e| format!("cannot listen on vsock port {port}: {e}"))?;
+            let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+            eprintln!(
+                "airlock-guest: ready on vsock port {port} at {} s of guest uptime",
+                uptime.split(' ').next().unwrap_or("?")
+            );
+            let r = conf.ready_port.unwrap_or(vm::READY_PORT);
+            if let Err(e) = vm::notify_ready(r) {
+                warning!("cannot tell the host we are ready (vsock port {r}): {e}");
+            }
+            Listener::Vsock(l)
+        }
+        None => Listener::Unix(control_listener(cfg.control_fd)?),
+    };
     let ctx = Arc::new(exec::Context {
         base_env: cfg.env.clone(),
         root: PathBuf::from("/"),
         cap_last: sys::cap_last_cap(),
         max_fd: max_fd(),
     });
-    debug!("serving exec requests on fd {}", cfg.control_fd);
+    debug!("serving exec requests");
     loop {
         match listener.accept() {
-            Ok((sock, _)) => {
+            Ok(sock) => {
                 let ctx = ctx.clone();
                 let r = std::thread::Builder::new()
                     .name("exec".into())
@@ -135,6 +178,23 @@ fn run() -> Result<(), String> {
                 }
                 _ => return Err(format!("accept on the control socket failed: {e}")),
             },
+        }
+    }
+}
+
+/// Where control connections come from.
+enum Listener {
+    /// Namespace mode: the inherited listening Unix socket.
+    Unix(UnixListener),
+    /// VM mode: AF_VSOCK.
+    Vsock(std::os::fd::OwnedFd),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| s),
+            Listener::Vsock(fd) => vm::accept(std::os::fd::AsRawFd::as_raw_fd(fd)),
         }
     }
 }

@@ -34,6 +34,33 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// reaper delivers the raw wait status (4 bytes, native endian).
 static CHILDREN: Mutex<Option<HashMap<libc::pid_t, OwnedFd>>> = Mutex::new(None);
 static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+/// Init of a VM: shutting down means powering the machine off.
+static VM_MODE: AtomicBool = AtomicBool::new(false);
+
+/// Make `shutdown` sync and power the VM off instead of exiting.
+pub fn set_vm_mode() {
+    VM_MODE.store(true, Ordering::SeqCst);
+}
+
+/// Shut the sandbox down as on SIGTERM from outside (VM mode: the host asked
+/// over the shutdown port).
+pub fn request_shutdown() {
+    if !SHUTTING_DOWN.swap(true, Ordering::SeqCst) {
+        let spawned = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(|| shutdown(true));
+        if spawned.is_err() {
+            finish();
+        }
+    }
+}
+
+fn finish() -> ! {
+    if VM_MODE.load(Ordering::SeqCst) {
+        crate::vm::power_off()
+    }
+    std::process::exit(0)
+}
 
 fn children() -> MutexGuard<'static, Option<HashMap<libc::pid_t, OwnedFd>>> {
     // A panic while holding the lock leaves the map consistent (inserts and
@@ -113,7 +140,7 @@ fn signal_loop(pid1: bool) {
                         .name("shutdown".into())
                         .spawn(move || shutdown(pid1));
                     if spawned.is_err() {
-                        std::process::exit(0);
+                        finish();
                     }
                 }
             }
@@ -195,5 +222,5 @@ fn shutdown(pid1: bool) {
     }
     // Give exec threads a moment to send their Exit frames.
     std::thread::sleep(Duration::from_millis(50));
-    std::process::exit(0);
+    finish()
 }

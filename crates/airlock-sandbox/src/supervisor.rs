@@ -12,7 +12,7 @@
 //! control socket; one thread writes events.
 
 use crate::{control, files, SandboxError};
-use airlock_backend::{Backend, LaunchSpec, NamespaceBackend, WorkspaceMount};
+use airlock_backend::{Backend, LaunchSpec, NamespaceBackend, NetworkMode, WorkspaceMount};
 use airlock_egress::{Egress, EgressConfig, EventSink, SystemResolver};
 use airlock_policy::Event;
 use airlock_protocol::GuestConfig;
@@ -133,6 +133,9 @@ fn run_in(
             .map(|w| w.path.display().to_string())
             .collect(),
     };
+    // Transparent capture needs a TAP device (/dev/net/tun); without it the
+    // sandbox keeps only loopback and the explicit proxy relay.
+    let network = network_mode();
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
         rec.name
@@ -155,15 +158,25 @@ fn run_in(
         guest_binary,
         guest_config: config,
         console_log: sandbox_dir.join(files::CONSOLE_LOG),
-        extra_files: vec![
-            (PathBuf::from("/etc/hosts"), hosts.into_bytes()),
-            (
-                PathBuf::from("/etc/hostname"),
-                format!("{}\n", rec.name).into_bytes(),
-            ),
-        ],
+        extra_files: {
+            let mut f = vec![
+                (PathBuf::from("/etc/hosts"), hosts.into_bytes()),
+                (
+                    PathBuf::from("/etc/hostname"),
+                    format!("{}\n", rec.name).into_bytes(),
+                ),
+            ];
+            if network == NetworkMode::Tap {
+                f.push((
+                    PathBuf::from("/etc/resolv.conf"),
+                    airlock_backend::net::resolv_conf().into_bytes(),
+                ));
+            }
+            f
+        },
     };
-    let backend = NamespaceBackend::new();
+    eprintln!("airlock supervisor {}: network {network:?}", rec.id);
+    let backend = NamespaceBackend::new().with_network(network);
     let mut instance = backend.launch(spec).map_err(|e| chain(&e))?;
     let init_pid = instance.pid();
     let console = sandbox_dir.join(files::CONSOLE_LOG);
@@ -226,6 +239,19 @@ fn run_in(
             init_pid,
         ));
         rt.spawn(watch_signals(stopping.clone(), init_pid));
+        if let Some(fd) = instance.take_network_fd() {
+            let link = airlock_netstack::TapLink::new(fd)
+                .map_err(|e| format!("the sandbox's network device: {e}"))?;
+            let stack = airlock_netstack::Netstack::new(
+                Box::new(link),
+                Arc::new(ToEgress(egress.clone())),
+            );
+            rt.spawn(async move {
+                if let Err(e) = stack.run().await {
+                    eprintln!("network stack stopped: {e}");
+                }
+            });
+        }
     }
 
     store
@@ -453,4 +479,42 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// TAP (transparent capture) when this process can open /dev/net/tun,
+/// else loopback only (the explicit proxy still works).
+fn network_mode() -> NetworkMode {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        Ok(_) => NetworkMode::Tap,
+        Err(e) => {
+            eprintln!("no transparent capture ({e} opening /dev/net/tun): loopback and explicit proxy only");
+            NetworkMode::Loopback
+        }
+    }
+}
+
+/// Hands the sandbox's captured traffic to the egress engine.
+struct ToEgress(Arc<Egress>);
+
+impl airlock_netstack::FlowHandler for ToEgress {
+    fn tcp(&self, flow: airlock_netstack::TcpFlow, orig_dst: std::net::SocketAddr) {
+        tokio::spawn(self.0.clone().serve_transparent(flow, orig_dst));
+    }
+
+    fn dns(
+        &self,
+        query: Vec<u8>,
+        _orig_dst: std::net::SocketAddr,
+    ) -> airlock_netstack::BoxFuture<'static, Option<Vec<u8>>> {
+        let e = self.0.clone();
+        Box::pin(async move { e.answer_dns(&query).await })
+    }
+
+    fn dropped(&self, d: airlock_netstack::Dropped) {
+        self.0.record_dropped(d.proto.as_str(), d.dst, d.reason);
+    }
 }

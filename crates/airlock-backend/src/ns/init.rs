@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -89,6 +89,14 @@ fn run(sync_r: RawFd, err_w: RawFd) -> Result<Infallible, Fail> {
     let spec: InitSpec =
         serde_json::from_slice(&buf).map_err(|e| fail("parsing the setup spec", e.to_string()))?;
 
+    if let Some(sock) = spec.net_fd {
+        let tap = crate::net::create_guest_tap().map_err(|e| fail(e.step, explain(&e.source)))?;
+        crate::net::send_fd(sock, tap.as_raw_fd())
+            .step("sending the TAP device to the supervisor")?;
+        drop(tap);
+        // SAFETY: sock was handed to us by number and is ours alone; not used again.
+        unsafe { libc::close(sock) };
+    }
     build_root(&spec)?;
     sys::sethostname(&spec.hostname).step("setting the host name")?;
     enter_root(&spec.newroot)?;

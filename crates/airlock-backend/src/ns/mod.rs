@@ -24,7 +24,9 @@
 //!    which `launch` reads until EOF: EOF after the "ready" marker means the
 //!    agent was exec'd.
 
-use crate::{sys, Backend, BackendError, BackendKind, Instance, LaunchSpec, ProbeReport};
+use crate::{
+    net, sys, Backend, BackendError, BackendKind, Instance, LaunchSpec, NetworkMode, ProbeReport,
+};
 use serde::{Deserialize, Serialize};
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
@@ -85,19 +87,34 @@ struct InitSpec {
     extra_files: Vec<(PathBuf, Vec<u8>)>,
     /// Root invoker: ids 0 and 1..=65536 are mapped (else only 0).
     full_id_map: bool,
+    /// [`NetworkMode::Tap`]: the init creates the TAP `eth0` and sends its fd over this
+    /// Unix socket.
+    #[serde(default)]
+    net_fd: Option<RawFd>,
 }
 
 /// The namespace backend.
 #[derive(Debug, Clone, Default)]
 pub struct NamespaceBackend {
     init_program: Option<PathBuf>,
+    network: NetworkMode,
 }
 
 impl NamespaceBackend {
     /// Uses the running executable (`/proc/self/exe`) as the init program;
     /// its `main` must call [`ns_init_if_requested`].
     pub fn new() -> Self {
-        NamespaceBackend { init_program: None }
+        NamespaceBackend {
+            init_program: None,
+            network: NetworkMode::Loopback,
+        }
+    }
+
+    /// The sandboxes' network: [`NetworkMode::Loopback`] (default) or
+    /// [`NetworkMode::Tap`] (a TAP `eth0` whose fd [`Instance::take_network_fd`] returns).
+    pub fn with_network(mut self, mode: NetworkMode) -> Self {
+        self.network = mode;
+        self
     }
 
     /// Uses another program as the init (e.g. this crate's `airlock-ns-init`
@@ -105,6 +122,7 @@ impl NamespaceBackend {
     pub fn with_init_program(path: PathBuf) -> Self {
         NamespaceBackend {
             init_program: Some(path),
+            network: NetworkMode::Loopback,
         }
     }
 
@@ -125,7 +143,7 @@ impl Backend for NamespaceBackend {
     }
 
     fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
-        launch(self.init_program(), spec).map(|i| Box::new(i) as Box<dyn Instance>)
+        launch(self.init_program(), self.network, spec).map(|i| Box::new(i) as Box<dyn Instance>)
     }
 }
 
@@ -330,6 +348,8 @@ struct ChildArgs {
     control_fd: RawFd,
     console_fd: RawFd,
     devnull_fd: RawFd,
+    /// -1 when there is none.
+    net_fd: RawFd,
     argv: Vec<CString>,
 }
 
@@ -398,7 +418,7 @@ fn clone_child(a: &ChildArgs) -> io::Result<(libc::pid_t, OwnedFd)> {
             libc::dup2(a.devnull_fd, 0);
             libc::dup2(a.console_fd, 1);
             libc::dup2(a.console_fd, 2);
-            for fd in [a.sync_r, a.err_w, a.control_fd] {
+            for fd in [a.sync_r, a.err_w, a.control_fd, a.net_fd] {
                 libc::fcntl(fd, libc::F_SETFD, 0);
             }
             libc::fexecve(a.exe_fd, argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
@@ -486,7 +506,11 @@ fn userns_error(e: io::Error) -> BackendError {
     }
 }
 
-fn launch(init_program: &Path, spec: LaunchSpec) -> Result<NsInstance, BackendError> {
+fn launch(
+    init_program: &Path,
+    network: NetworkMode,
+    spec: LaunchSpec,
+) -> Result<NsInstance, BackendError> {
     let LaunchSpec {
         name,
         rootfs,
@@ -576,6 +600,14 @@ fn launch(init_program: &Path, spec: LaunchSpec) -> Result<NsInstance, BackendEr
     let devnull = above_stdio(devnull)?;
     let sync_r = above_stdio(sync_r)?;
     let err_w = above_stdio(err_w)?;
+    let (net_parent, net_child) = match network {
+        NetworkMode::Loopback => (None, None),
+        NetworkMode::Tap => {
+            let (p, c) =
+                net::socketpair().map_err(sys_err("creating the network fd socket pair"))?;
+            (Some(p), Some(above_stdio(c)?))
+        }
+    };
 
     // SAFETY: geteuid cannot fail.
     let full_id_map = unsafe { libc::geteuid() } == 0;
@@ -603,6 +635,7 @@ fn launch(init_program: &Path, spec: LaunchSpec) -> Result<NsInstance, BackendEr
         control_fd: control_fd.as_raw_fd(),
         extra_files,
         full_id_map,
+        net_fd: net_child.as_ref().map(|f| f.as_raw_fd()),
     };
     let mut payload = vec![b'G'];
     serde_json::to_writer(&mut payload, &init_spec)
@@ -617,6 +650,7 @@ fn launch(init_program: &Path, spec: LaunchSpec) -> Result<NsInstance, BackendEr
         control_fd: control_fd.as_raw_fd(),
         console_fd: console.as_raw_fd(),
         devnull_fd: devnull.as_raw_fd(),
+        net_fd: net_child.as_ref().map_or(-1, |f| f.as_raw_fd()),
         argv: vec![
             CString::new("airlock-ns-init").expect("no NUL"),
             CString::new(NS_INIT_ARG).expect("no NUL"),
@@ -667,7 +701,7 @@ fn launch(init_program: &Path, spec: LaunchSpec) -> Result<NsInstance, BackendEr
         })?
         .map_err(userns_error)?;
     // The child has its copies now.
-    drop((exe, sync_r, err_w, control_fd, console, devnull));
+    drop((exe, sync_r, err_w, control_fd, console, devnull, net_child));
 
     let mut inst = NsInstance {
         name: name.clone(),
@@ -675,8 +709,22 @@ fn launch(init_program: &Path, spec: LaunchSpec) -> Result<NsInstance, BackendEr
         pidfd,
         status_rx,
         status: None,
+        net_fd: None,
     };
-    match finish_setup(&mut inst, full_id_map, sync_w, err_r, &payload) {
+    let setup = finish_setup(&mut inst, full_id_map, sync_w, err_r, &payload).and_then(|()| {
+        // The init sent the TAP fd before it reported readiness.
+        if let Some(p) = &net_parent {
+            let fd = net::recv_fd(p.as_raw_fd(), true)
+                .map_err(sys_err("receiving the sandbox's TAP device"))?;
+            inst.net_fd = Some(fd.ok_or_else(|| BackendError::Setup {
+                name: inst.name.clone(),
+                step: "network".into(),
+                message: "the init did not send the TAP device".into(),
+            })?);
+        }
+        Ok(())
+    });
+    match setup {
         Ok(()) => Ok(inst),
         Err(e) => {
             let _ = inst.kill();
@@ -772,6 +820,8 @@ pub struct NsInstance {
     pidfd: OwnedFd,
     status_rx: mpsc::Receiver<ExitStatus>,
     status: Option<ExitStatus>,
+    /// The TAP device's fd ([`NetworkMode::Tap`]) until taken.
+    net_fd: Option<OwnedFd>,
 }
 
 impl NsInstance {
@@ -835,6 +885,10 @@ impl NsInstance {
 }
 
 impl Instance for NsInstance {
+    fn take_network_fd(&mut self) -> Option<OwnedFd> {
+        self.net_fd.take()
+    }
+
     fn pid(&self) -> u32 {
         self.pid as u32
     }

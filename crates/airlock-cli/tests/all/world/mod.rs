@@ -13,7 +13,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -107,6 +107,21 @@ impl Recorder {
         });
     }
 
+    fn serve_udp(&self, sock: UdpSocket) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let local = sock.local_addr().unwrap();
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                me.hits.lock().unwrap().push(Hit {
+                    local,
+                    first_line: format!("udp {n} bytes from {from}"),
+                    host: None,
+                });
+            }
+        });
+    }
+
     fn handle(&self, mut conn: TcpStream) {
         let local = conn.local_addr().unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
@@ -183,6 +198,8 @@ pub struct World {
     /// A service on the inner namespace's 127.0.0.1 (the "host" loopback).
     pub host_service: Recorder,
     pub host_port: u16,
+    /// UDP listeners on every outer address, ports 53 and 9999.
+    pub udp: Recorder,
     names: Mutex<Vec<String>>,
 }
 
@@ -241,6 +258,11 @@ impl World {
             });
             outer.serve(l);
         }
+        let udp = Recorder::new("udp");
+        for port in [53u16, 9999] {
+            let sock = in_netns(&ns_out, move || UdpSocket::bind(("0.0.0.0", port)).unwrap());
+            udp.serve_udp(sock);
+        }
         let host_service = Recorder::new("host-service");
         let l = in_netns(&ns_in, || TcpListener::bind("127.0.0.1:0").unwrap());
         let host_port = l.local_addr().unwrap().port();
@@ -271,6 +293,7 @@ impl World {
             outer,
             host_service,
             host_port,
+            udp,
             names: Mutex::new(Vec::new()),
         }
     }
