@@ -115,7 +115,7 @@ impl Command {
 pub enum Isolation {
     /// A microVM where hardware virtualization works, else namespaces
     Auto,
-    /// A microVM (not yet available in this build)
+    /// A microVM (QEMU microvm; software emulation where KVM does not work)
     Vm,
     /// Linux namespaces + seccomp + Landlock
     Ns,

@@ -128,9 +128,6 @@ fn home_dir() -> Option<PathBuf> {
 }
 
 fn cmd_run(mgr: &Manager, a: RunArgs, attach: bool) -> Result<i32> {
-    if a.isolation == Isolation::Vm {
-        bail!("the VM backend is not available in this build yet; use --isolation ns (or auto)");
-    }
     let is_agent = agents::find(&a.agent).is_some();
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let mut progress = template_progress();
@@ -164,7 +161,13 @@ fn cmd_run(mgr: &Manager, a: RunArgs, attach: bool) -> Result<i32> {
                     &mgr.paths.data,
                     a.force,
                 )?;
+                let (backend, notice) = airlock_sandbox::choose_backend(match a.isolation {
+                    Isolation::Auto => airlock_sandbox::Isolation::Auto,
+                    Isolation::Vm => airlock_sandbox::Isolation::Vm,
+                    Isolation::Ns => airlock_sandbox::Isolation::Ns,
+                })?;
                 let spec = CreateSpec {
+                    backend,
                     agent: a.agent.clone(),
                     workspaces,
                     name: a.name.clone(),
@@ -178,6 +181,9 @@ fn cmd_run(mgr: &Manager, a: RunArgs, attach: bool) -> Result<i32> {
                 }
                 mgr.ensure_template(&spec.template, &mut progress)?;
                 let created = mgr.create(&spec)?;
+                if let (Some(n), true) = (notice, created.new) {
+                    eprintln!("airlock: {n}");
+                }
                 (created.record, created.new)
             }
         };
@@ -680,11 +686,22 @@ fn cmd_doctor(mgr: &Manager, as_json: bool) -> Result<i32> {
         Ok(r) => checks.push(("namespace backend".into(), r.ok, r.details.join("; "))),
         Err(e) => checks.push(("namespace backend".into(), false, format!("{e:#}"))),
     }
-    checks.push((
-        "vm backend".into(),
-        false,
-        "not available in this build yet; sandboxes use the namespace backend".into(),
-    ));
+    let vm = airlock_backend::VmBackend::new();
+    match vm.probe() {
+        Ok(r) => checks.push(("vm backend".into(), r.ok, r.details.join("; "))),
+        Err(e) => checks.push(("vm backend".into(), false, format!("{e:#}"))),
+    }
+    match airlock_sandbox::choose_backend(airlock_sandbox::Isolation::Auto) {
+        Ok((b, notice)) => checks.push((
+            "isolation auto".into(),
+            true,
+            format!(
+                "{b}{}",
+                notice.map(|n| format!(": {n}")).unwrap_or_default()
+            ),
+        )),
+        Err(e) => checks.push(("isolation auto".into(), false, e.to_string())),
+    }
     let mm = which("mmdebstrap");
     checks.push((
         "mmdebstrap".into(),

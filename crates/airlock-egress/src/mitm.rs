@@ -585,7 +585,7 @@ struct Pool {
 }
 
 /// Most idle HTTP/1.1 upstream connections kept per destination.
-const MAX_IDLE_H1: usize = 8;
+const MAX_IDLE_H1: usize = 64;
 
 /// One terminated client connection.
 struct Session {

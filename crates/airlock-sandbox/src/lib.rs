@@ -82,6 +82,58 @@ pub struct CreateSpec {
     pub template: String,
     pub agent_args: Vec<String>,
     pub policy: Policy,
+    /// `ns` or `vm` (see [`choose_backend`]).
+    pub backend: String,
+}
+
+/// Isolation the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    Auto,
+    Vm,
+    Ns,
+}
+
+/// Resolve `--isolation` to a backend name. `auto` takes a VM only where
+/// hardware virtualization works (software emulation is correct but slow),
+/// and otherwise the namespace backend with a one-line notice (returned).
+pub fn choose_backend(iso: Isolation) -> Result<(String, Option<String>)> {
+    use airlock_backend::Backend;
+    match iso {
+        Isolation::Ns => Ok(("ns".into(), None)),
+        Isolation::Vm => {
+            let vm = airlock_backend::VmBackend::new();
+            let r = vm.probe().map_err(|e| SandboxError::Start {
+                name: "(new)".into(),
+                message: format!("the VM backend is not usable: {e}"),
+            })?;
+            if !r.ok {
+                return Err(SandboxError::Start {
+                    name: "(new)".into(),
+                    message: format!("the VM backend is not usable: {}", r.details.join("; ")),
+                });
+            }
+            Ok(("vm".into(), None))
+        }
+        Isolation::Auto => {
+            let vm = airlock_backend::VmBackend::new();
+            let why = match vm.probe() {
+                Ok(r) if r.ok => match vm.accel() {
+                    Ok((airlock_backend::vm::Accel::Kvm, _)) => return Ok(("vm".into(), None)),
+                    Ok((_, why)) => why,
+                    Err(e) => e.to_string(),
+                },
+                Ok(r) => r.details.join("; "),
+                Err(e) => e.to_string(),
+            };
+            Ok((
+                "ns".into(),
+                Some(format!(
+                    "no hardware-accelerated VM here ({why}); using the namespace backend (--isolation vm forces a VM under software emulation)"
+                )),
+            ))
+        }
+    }
 }
 
 /// File names inside a sandbox's run directory.
@@ -199,7 +251,7 @@ impl Manager {
             name: name.clone(),
             agent: agent.name.to_string(),
             template: spec.template.clone(),
-            backend: "ns".into(),
+            backend: spec.backend.clone(),
             workspaces: spec.workspaces.clone(),
             agent_args: spec.agent_args.clone(),
             policy: spec.policy.clone(),

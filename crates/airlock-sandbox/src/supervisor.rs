@@ -135,7 +135,13 @@ fn run_in(
     };
     // Transparent capture needs a TAP device (/dev/net/tun); without it the
     // sandbox keeps only loopback and the explicit proxy relay.
-    let network = network_mode();
+    let vm = rec.backend == "vm";
+    let network = if vm {
+        // The VM's NIC is not wired to the user-space stack yet.
+        NetworkMode::Loopback
+    } else {
+        network_mode()
+    };
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
         rec.name
@@ -176,7 +182,11 @@ fn run_in(
         },
     };
     eprintln!("airlock supervisor {}: network {network:?}", rec.id);
-    let backend = NamespaceBackend::new().with_network(network);
+    let backend: Box<dyn Backend> = if vm {
+        Box::new(airlock_backend::VmBackend::new())
+    } else {
+        Box::new(NamespaceBackend::new().with_network(network))
+    };
     let mut instance = backend.launch(spec).map_err(|e| chain(&e))?;
     let init_pid = instance.pid();
     let console = sandbox_dir.join(files::CONSOLE_LOG);
@@ -259,7 +269,20 @@ fn run_in(
         .map_err(|e| chain(&e))?;
     ready.send("ok");
 
-    let status = instance.wait();
+    // Wait for the sandbox to end; a stop request ends it through the
+    // backend (a VM powers off cleanly so its disk is synced).
+    let status = loop {
+        match instance.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+        if stopping.load(Ordering::SeqCst) {
+            let _ = instance.terminate(Duration::from_secs(5));
+            break instance.wait();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let error = if stopping.load(Ordering::SeqCst) {
         None
     } else {
@@ -377,23 +400,11 @@ fn reload_policy(paths: &Paths, id: &str) -> Result<airlock_policy::Policy, Stri
     Ok(rec.policy)
 }
 
-/// Ask the sandbox's init to end everything (the guest agent forwards
-/// SIGTERM to all processes), and kill it if it has not after a grace period.
-fn stop_sandbox(stopping: &AtomicBool, init_pid: u32) {
-    if stopping.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    // SAFETY: kill(2) on the pid of our own child (the sandbox init).
-    unsafe { libc::kill(init_pid as i32, libc::SIGTERM) };
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(5));
-        // SAFETY: as above; if it already exited and was reaped by our
-        // wait, the pid is not reused while we are its parent... it may be
-        // after reaping, so check identity first.
-        if ProcessId::of(init_pid).is_some_and(|p| p.alive()) {
-            unsafe { libc::kill(init_pid as i32, libc::SIGKILL) };
-        }
-    });
+/// Ask the main thread to end the sandbox through its backend (SIGTERM to
+/// the namespace init, which ends every process; a clean power-off for a
+/// VM; SIGKILL after a grace period either way).
+fn stop_sandbox(stopping: &AtomicBool, _init_pid: u32) {
+    stopping.store(true, Ordering::SeqCst);
 }
 
 async fn watch_signals(stopping: Arc<AtomicBool>, init_pid: u32) {

@@ -8,3 +8,4 @@ mod attacker;
 mod lifecycle;
 mod network;
 mod unprivileged;
+mod vm;
