@@ -21,6 +21,20 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --no-fail-fast -- --test-threads="${AIRLOCK_TEST_THREADS:-4}" "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
+# The microVM layer: boots real VMs (TCG here), so it is a separate,
+# clearly named step that installs its tools first (QEMU from
+# bookworm-backports, the Debian cloud kernel, virtiofsd, vhost-device-vsock).
+if [ "${AIRLOCK_SKIP_VM:-0}" = 1 ]; then
+    echo "== VM tests SKIPPED (AIRLOCK_SKIP_VM=1)" | tee -a "$log"
+else
+    echo "== VM tools" >&2
+    scripts/vm-deps.sh >&2 || rc=1
+    echo "== VM tests" >&2
+    cargo test -p airlock-backend --test vm -- --ignored --test-threads=2 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    cargo test -p airlock-cli --test all -- --ignored vm:: 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+fi
 set -e
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

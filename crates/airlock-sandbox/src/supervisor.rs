@@ -30,6 +30,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 /// Where the guest agent relays proxy clients, inside the sandbox.
 pub const GUEST_PROXY_LISTEN: &str = "127.0.0.1:3128";
 pub const GUEST_PROXY_URL: &str = "http://127.0.0.1:3128";
+/// The system trust store inside (replaced by system roots + airlock CA).
+pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// airlock's CA certificate alone (NODE_EXTRA_CA_CERTS).
+pub const GUEST_CA_CERT: &str = "/etc/airlock/ca.pem";
 /// Where the egress socket is bind-mounted inside the sandbox.
 pub const GUEST_PROXY_SOCKET: &str = "/run/airlock/proxy.sock";
 
@@ -121,9 +125,31 @@ fn run_in(
         })?;
     let guest_binary = find_guest_binary()?;
 
+    // TLS termination: the CA stays on the host (DATA/tls, never mounted
+    // in); the sandbox trusts its certificate. Credentials: real values
+    // stay here, the guest gets placeholders.
+    let ca = Arc::new(
+        airlock_tls::Ca::load_or_create(&paths.data.join("tls")).map_err(|e| chain(&e))?,
+    );
+    let upstream = airlock_tls::upstream_client_config_from_env().map_err(|e| chain(&e))?;
+    let providers = airlock_secrets::load_providers(&paths.data).map_err(|e| chain(&e))?;
+    let secrets = airlock_secrets::SecretStore::open(&paths.data);
+    let creds = Arc::new(
+        airlock_secrets::Credentials::resolve(&providers, &secrets, |k| std::env::var(k).ok())
+            .map_err(|e| chain(&e))?,
+    );
+    let system_bundle = airlock_tls::SYSTEM_BUNDLE_PATHS
+        .iter()
+        .find_map(|p| std::fs::read(template.rootfs.join(p)).ok())
+        .unwrap_or_default();
+    let bundle = airlock_tls::guest_bundle(&system_bundle, ca.cert_pem());
+    let mut env = base_env(rec);
+    env.extend(airlock_tls::guest_env(GUEST_CA_BUNDLE, GUEST_CA_CERT));
+    env.extend(creds.placeholder_env());
+
     let config = GuestConfig {
         hostname: rec.name.clone(),
-        env: base_env(rec),
+        env,
         control_fd: -1,
         proxy_listen: Some(GUEST_PROXY_LISTEN.into()),
         proxy_socket: Some(GUEST_PROXY_SOCKET.into()),
@@ -166,6 +192,13 @@ fn run_in(
         console_log: sandbox_dir.join(files::CONSOLE_LOG),
         extra_files: {
             let mut f = vec![
+                (PathBuf::from(GUEST_CA_BUNDLE), bundle),
+                (PathBuf::from(GUEST_CA_CERT), ca.cert_pem().as_bytes().to_vec()),
+                // So that update-ca-certificates inside keeps trusting it.
+                (
+                    PathBuf::from("/usr/local/share/ca-certificates/airlock-ca.crt"),
+                    ca.cert_pem().as_bytes().to_vec(),
+                ),
                 (PathBuf::from("/etc/hosts"), hosts.into_bytes()),
                 (
                     PathBuf::from("/etc/hostname"),
@@ -217,12 +250,16 @@ fn run_in(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let egress = Arc::new(Egress::new(EgressConfig {
-        sandbox: rec.name.clone(),
-        policy: rec.policy.clone(),
-        sink: Arc::new(Sink(Mutex::new(tx))),
-        resolver: Arc::new(SystemResolver),
-    }));
+    let egress = Arc::new(
+        Egress::new(EgressConfig {
+            sandbox: rec.name.clone(),
+            policy: rec.policy.clone(),
+            sink: Arc::new(Sink(Mutex::new(tx))),
+            resolver: Arc::new(SystemResolver),
+        })
+        .with_tls(Arc::new(airlock_egress::TlsTermination::new(ca, upstream)))
+        .with_credentials(creds),
+    );
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let _guard = rt.enter();

@@ -7,5 +7,6 @@ mod world;
 mod attacker;
 mod lifecycle;
 mod network;
+mod tls;
 mod unprivileged;
 mod vm;

@@ -27,6 +27,8 @@ pub const DNS_IP: &str = "11.0.0.53";
 pub const METADATA_IP: &str = "169.254.169.254";
 pub const PRIVATE10_IP: &str = "10.99.0.1";
 pub const PRIVATE192_IP: &str = "192.168.99.1";
+/// The HTTPS upstream of the TLS tests (api.test, other.test, bypass.test).
+pub const TLS_IP: &str = "11.0.0.90";
 /// A value set in airlock's environment on the host; it must never appear
 /// inside.
 pub const HOST_SECRET: &str = "sk-ant-host-secret-DO-NOT-LEAK";
@@ -162,7 +164,7 @@ impl Recorder {
 
 /// Run `f` on a new thread that has entered network namespace `ns`
 /// (setns only affects the calling thread).
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
         let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -200,6 +202,8 @@ pub struct World {
     pub host_port: u16,
     /// UDP listeners on every outer address, ports 53 and 9999.
     pub udp: Recorder,
+    /// Extra environment for every airlock command (tests that need it).
+    pub extra_env: Mutex<Vec<(String, String)>>,
     names: Mutex<Vec<String>>,
 }
 
@@ -245,18 +249,29 @@ impl World {
         std::fs::write(
             etc.join("hosts"),
             format!(
-                "127.0.0.1 localhost\n{ALLOWED_IP} allowed.test\n{BLOCKED_IP} blocked.test\n127.0.0.1 rebind.test\n{METADATA_IP} metadata.test\n{PRIVATE10_IP} internal.test\n"
+                "127.0.0.1 localhost\n{ALLOWED_IP} allowed.test\n{BLOCKED_IP} blocked.test\n127.0.0.1 rebind.test\n{METADATA_IP} metadata.test\n{PRIVATE10_IP} internal.test\n{TLS_IP} api.test other.test bypass.test\n"
             ),
         )
         .unwrap();
         std::fs::write(etc.join("resolv.conf"), format!("nameserver {DNS_IP}\n")).unwrap();
 
         let outer = Recorder::new("outer");
-        for port in [80u16, 443, 22] {
-            let l = in_netns(&ns_out, move || {
-                TcpListener::bind(("0.0.0.0", port)).unwrap()
-            });
-            outer.serve(l);
+        ipn(
+            &ns_out,
+            &["addr", "add", &format!("{TLS_IP}/32"), "dev", "lo"],
+        );
+        for ip in [
+            ALLOWED_IP,
+            BLOCKED_IP,
+            DNS_IP,
+            METADATA_IP,
+            PRIVATE10_IP,
+            PRIVATE192_IP,
+        ] {
+            for port in [80u16, 443, 22] {
+                let l = in_netns(&ns_out, move || TcpListener::bind((ip, port)).unwrap());
+                outer.serve(l);
+            }
         }
         let udp = Recorder::new("udp");
         for port in [53u16, 9999] {
@@ -294,6 +309,7 @@ impl World {
             host_service,
             host_port,
             udp,
+            extra_env: Mutex::new(Vec::new()),
             names: Mutex::new(Vec::new()),
         }
     }
@@ -313,6 +329,7 @@ impl World {
             .env("AIRLOCK_HOME", &self.data)
             .env("AIRLOCK_TEMPLATES", templates_dir())
             .env("ANTHROPIC_API_KEY", HOST_SECRET)
+            .envs(self.extra_env.lock().unwrap().clone())
             .stdin(Stdio::null());
         c
     }
