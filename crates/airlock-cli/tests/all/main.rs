@@ -4,9 +4,11 @@
 
 mod world;
 
+mod agents;
 mod attacker;
 mod lifecycle;
 mod network;
+mod real_clients;
 mod tls;
 mod unprivileged;
 mod vm;

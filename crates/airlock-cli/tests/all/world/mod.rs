@@ -354,6 +354,9 @@ impl World {
     }
 
     pub fn events(&self, name: &str) -> Vec<serde_json::Value> {
+        // Events reach the store through the supervisor's writer thread a
+        // moment after the request; give it that moment.
+        std::thread::sleep(Duration::from_millis(300));
         let out = self.airlock(&["network", "log", name, "--json"]);
         assert_ok(&out, "network log");
         String::from_utf8_lossy(&out.stdout)
