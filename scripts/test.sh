@@ -14,6 +14,12 @@ export AIRLOCK_TEMPLATES="${AIRLOCK_TEMPLATES:-/var/lib/airlock/templates}"
 echo "== template (cached in $AIRLOCK_TEMPLATES)" >&2
 tmp_home="$(mktemp -d)"
 AIRLOCK_HOME="$tmp_home" target/debug/airlock template build base
+echo "== agent templates (cached in $AIRLOCK_TEMPLATES)" >&2
+t0=$SECONDS
+for a in claude codex gemini copilot opencode; do
+    AIRLOCK_HOME="$tmp_home" target/debug/airlock template build "$a"
+done
+echo "== agent templates ready in $((SECONDS - t0))s" >&2
 rm -rf "$tmp_home"
 echo "== tests" >&2
 log="$(mktemp)"

@@ -109,11 +109,24 @@ pub trait Instance: Send {
     /// SIGTERM the init, SIGKILL after `grace`; returns once it is dead. The
     /// whole sandbox (its pid namespace) dies with its init.
     fn terminate(&mut self, grace: Duration) -> Result<(), BackendError>;
-    /// The guest's network device, for [`NetworkMode::Tap`]: the TAP fd to serve with
-    /// the user-space stack. Returns it once; `None` in loopback mode.
-    fn take_network_fd(&mut self) -> Option<OwnedFd> {
+    /// The guest's network link, for [`NetworkMode::Tap`]: the fd to serve with the
+    /// user-space stack and how frames travel on it ([`LinkKind`]). Returns it once;
+    /// `None` in loopback mode.
+    fn take_network(&mut self) -> Option<(OwnedFd, LinkKind)> {
         None
     }
+}
+
+/// How Ethernet frames travel on the fd of [`Instance::take_network`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinkKind {
+    /// A TAP device fd (`IFF_TAP | IFF_NO_PI`): one frame per read/write
+    /// (the namespace backend; serve with `airlock_netstack::TapLink`).
+    Tap,
+    /// A connected `AF_UNIX` `SOCK_STREAM` socket speaking QEMU's `-netdev stream`
+    /// framing, 4-byte big-endian length + frame (the VM backend; serve with
+    /// `airlock_netstack::StreamLink`).
+    Stream,
 }
 
 /// The sandbox's network.
@@ -122,9 +135,11 @@ pub enum NetworkMode {
     /// Only `lo`; the guest agent relays 127.0.0.1:3128 to the egress socket.
     #[default]
     Loopback,
-    /// `lo` plus a TAP `eth0` (10.0.2.15/24, default route via 10.0.2.2, MTU 65520),
-    /// created inside the sandbox's network namespace. The supervisor serves its fd
-    /// ([`Instance::take_network_fd`]) with the user-space stack. See [`net`].
+    /// `lo` plus an `eth0` (10.0.2.15/24, default route via 10.0.2.2, MTU 65520)
+    /// whose frames the supervisor serves with the user-space stack
+    /// ([`Instance::take_network`]). Namespaces: a TAP device created inside the
+    /// sandbox's network namespace (see [`net`]); VM: a virtio-net NIC on a QEMU
+    /// `-netdev stream` socket (see [`vm`]).
     Tap,
 }
 
@@ -142,6 +157,9 @@ pub struct LaunchSpec {
     pub name: String,
     /// Template root filesystem: read-only lower layer, shared.
     pub rootfs: PathBuf,
+    /// Further read-only layers stacked over `rootfs`, topmost first (an
+    /// agent template's own files over the base template). Shared too.
+    pub lower_layers: Vec<PathBuf>,
     /// This sandbox's persistent writable layer; `upper/` and `work/` are
     /// created in it.
     pub layer_dir: PathBuf,

@@ -83,6 +83,7 @@ struct Sandbox {
     dir: tempfile::TempDir,
     layer: PathBuf,
     console: PathBuf,
+    lower_layers: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -95,6 +96,7 @@ impl Sandbox {
         let layer = dir.path().join("layer");
         let console = dir.path().join("console.log");
         Sandbox {
+            lower_layers: Vec::new(),
             dir,
             layer,
             console,
@@ -109,6 +111,7 @@ impl Sandbox {
         LaunchSpec {
             name: "tsbx".into(),
             rootfs: rootfs(),
+            lower_layers: self.lower_layers.clone(),
             layer_dir: self.layer.clone(),
             run_dir: run,
             workspaces,
@@ -548,6 +551,56 @@ fn setup_errors_are_reported() {
     }
 }
 
+/// Agent templates: read-only layers stacked over the base root, topmost
+/// first; the top one wins, writes go to the sandbox's own layer.
+#[test]
+fn lower_layers_stack_over_rootfs() {
+    let mut sb = Sandbox::new();
+    let top = sb.dir.path().join("top");
+    let mid = sb.dir.path().join("mid");
+    for (l, who) in [(&top, "top"), (&mid, "mid")] {
+        fs::create_dir_all(l.join("usr/local/bin")).unwrap();
+        fs::write(l.join("usr/local/bin/which-layer"), who).unwrap();
+        fs::write(l.join(format!("usr/local/bin/only-{who}")), who).unwrap();
+    }
+    sb.lower_layers = vec![top.clone(), mid.clone()];
+    let r = sb.run(
+        r#"
+r() { echo "RESULT $1=$2"; }
+r which "$(cat /usr/local/bin/which-layer)"
+r top "$(cat /usr/local/bin/only-top)"
+r mid "$(cat /usr/local/bin/only-mid)"
+test -x /bin/sh && r base ok
+echo changed > /usr/local/bin/only-mid && r write ok
+r after "$(cat /usr/local/bin/only-mid)"
+"#,
+        vec![],
+    );
+    assert_eq!(get(&r, "which"), "top");
+    assert_eq!(get(&r, "top"), "top");
+    assert_eq!(get(&r, "mid"), "mid");
+    assert_eq!(get(&r, "base"), "ok");
+    assert_eq!(get(&r, "write"), "ok");
+    assert_eq!(get(&r, "after"), "changed");
+    // The shared layer is untouched; the change is in the sandbox's upper.
+    assert_eq!(
+        fs::read_to_string(mid.join("usr/local/bin/only-mid")).unwrap(),
+        "mid"
+    );
+    assert_eq!(
+        fs::read_to_string(sb.layer.join("upper/usr/local/bin/only-mid")).unwrap(),
+        "changed\n"
+    );
+    // A missing layer is refused before anything starts.
+    sb.lower_layers = vec![sb.dir.path().join("missing")];
+    let spec = sb.spec(Path::new("/usr/bin/true"), vec![]);
+    let e = NamespaceBackend::with_init_program(init_program())
+        .launch(spec)
+        .err()
+        .expect("must fail");
+    assert!(e.to_string().contains("lower layer"), "{e}");
+}
+
 #[test]
 fn probe_is_ok_here() {
     let r = NamespaceBackend::with_init_program(init_program())
@@ -632,6 +685,7 @@ fn unprivileged_inner() {
         PathBuf::from(std::env::var("AIRLOCK_TEST_WORKDIR").expect("run via unprivileged_invoker"));
     assert!(!is_root());
     let sb = Sandbox {
+        lower_layers: Vec::new(),
         layer: work.join("layer"),
         console: work.join("console.log"),
         dir: tempfile::Builder::new()
@@ -806,11 +860,9 @@ true
         .with_network(NetworkMode::Tap)
         .launch(sb.spec(&guest, vec![]))
         .unwrap_or_else(|e| panic!("launch failed: {e}\nconsole:\n{}", sb.console_text()));
-    let tap = inst.take_network_fd().expect("TAP fd received");
-    assert!(
-        inst.take_network_fd().is_none(),
-        "the fd is handed out once"
-    );
+    let (tap, kind) = inst.take_network().expect("TAP fd received");
+    assert_eq!(kind, airlock_backend::LinkKind::Tap);
+    assert!(inst.take_network().is_none(), "the fd is handed out once");
     let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", tap.as_raw_fd())).unwrap();
     assert!(fdinfo.contains("iff:\teth0"), "not the TAP eth0: {fdinfo}");
     // The guest's first frame (ARP for 10.0.2.2) arrives on the fd.

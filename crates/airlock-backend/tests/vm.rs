@@ -100,6 +100,7 @@ impl Vm {
         LaunchSpec {
             name: "vmtest".into(),
             rootfs: rootfs(),
+            lower_layers: vec![],
             layer_dir: self.layer.clone(),
             run_dir: run,
             workspaces,
@@ -414,7 +415,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[test]
 #[ignore = "needs VM tools: scripts/vm-deps.sh, then --ignored"]
 fn vm_boot_figures() {
-    let b = backend();
+    // As sandboxes run: with the NIC.
+    let b = backend().with_network(airlock_backend::NetworkMode::Tap);
     let (accel, _) = b.accel().unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let initrd = floor_initrd(scratch.path());
@@ -436,10 +438,13 @@ fn vm_boot_figures() {
     let mut rss = String::new();
     for i in 0..3 {
         let mut vm = Vm::new();
-        boots.push(vm.start(vec![WorkspaceMount {
-            path: ws.clone(),
-            read_only: false,
-        }]));
+        boots.push(vm.start_with(
+            b.clone(),
+            vec![WorkspaceMount {
+                path: ws.clone(),
+                read_only: false,
+            }],
+        ));
         if i == 0 {
             // Warm exec through the relay.
             let mut execs = Vec::new();
@@ -597,5 +602,54 @@ fn vm_launch_errors_are_clear() {
         .to_string();
     assert!(e.contains("/nonexistent/rootfs"), "{e}");
     let mut vm = vm;
+    vm.pass();
+}
+
+/// With `NetworkMode::Tap` the VM gets one virtio-net NIC on a QEMU
+/// `-netdev stream` socket whose host end `take_network` hands out once (as
+/// `LinkKind::Stream`); the guest configures eth0 like the namespace
+/// backend's TAP, and its frames arrive length-prefixed on that socket.
+#[test]
+#[ignore = "needs VM tools: scripts/vm-deps.sh, then --ignored"]
+fn vm_nic_is_a_stream_link() {
+    use airlock_backend::{LinkKind, NetworkMode};
+    use std::io::Read;
+    let mut vm = Vm::new();
+    vm.start_with(backend().with_network(NetworkMode::Tap), vec![]);
+    let inst = vm.inst.as_mut().unwrap();
+    let (fd, kind) = inst.take_network().expect("network fd");
+    assert_eq!(kind, LinkKind::Stream);
+    assert!(inst.take_network().is_none(), "handed out once");
+    let (code, out, err) = vm.sh(
+        "ls /sys/class/net | tr '\\n' ' '; echo; cat /sys/class/net/eth0/mtu \
+         /proc/sys/net/ipv6/conf/eth0/disable_ipv6; ip -o -4 addr show dev eth0; ip route",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("eth0 lo \n65520\n1\n"), "{out}");
+    assert!(out.contains("10.0.2.15/24"), "{out}");
+    assert!(out.contains("default via 10.0.2.2 dev eth0"), "{out}");
+    // One UDP datagram to the gateway: the guest first asks for its MAC.
+    vm.sh("bash -c 'echo x > /dev/udp/10.0.2.2/9' || true");
+    let mut s = std::os::unix::net::UnixStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut found = false;
+    for _ in 0..16 {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).expect("a frame from the guest");
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut frame).unwrap();
+        // ARP request (ethertype 0x0806, op 1), sender 10.0.2.15, target 10.0.2.2.
+        if frame.len() >= 42
+            && frame[12..14] == [0x08, 0x06]
+            && frame[20..22] == [0, 1]
+            && frame[28..32] == [10, 0, 2, 15]
+            && frame[38..42] == [10, 0, 2, 2]
+        {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no ARP request for the gateway");
+    vm.stop();
     vm.pass();
 }

@@ -130,9 +130,9 @@ pub struct RunArgs {
     /// Sandbox name (default: <agent>-<basename of the first workspace>)
     #[arg(long)]
     pub name: Option<String>,
-    /// Root filesystem template
-    #[arg(short = 't', long, default_value = "base")]
-    pub template: String,
+    /// Root filesystem template (default: the agent's own: `claude` for claude, `base` for shell)
+    #[arg(short = 't', long)]
+    pub template: Option<String>,
     /// Isolation backend
     #[arg(long, value_enum, default_value_t = Isolation::Auto)]
     pub isolation: Isolation,
@@ -247,10 +247,12 @@ pub enum TemplateCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Build a template from Debian packages (mmdebstrap); `base` is built automatically on first run
+    /// Build a template: `base` from Debian packages (mmdebstrap), or an agent template (claude, codex, gemini, copilot, opencode) as a layer over base with the agent at its pinned version
     #[command(after_help = "Examples:
   airlock template build
   airlock template build --force
+  airlock template build claude
+  airlock template build claude --update
   airlock template build base --mirror http://deb.debian.org/debian")]
     Build {
         #[arg(default_value = "base")]
@@ -258,6 +260,10 @@ pub enum TemplateCmd {
         /// Rebuild even if it exists
         #[arg(long)]
         force: bool,
+        /// Agent templates: move the pinned version to the registry's latest
+        /// (recorded in TEMPLATES/agents.lock) and rebuild
+        #[arg(long)]
+        update: bool,
         /// Debian suite
         #[arg(long, default_value = "trixie")]
         suite: String,

@@ -161,7 +161,16 @@ fn cmd_run(mgr: &Manager, a: RunArgs, attach: bool) -> Result<i32> {
                     &mgr.paths.data,
                     a.force,
                 )?;
+                let template = a.template.clone().unwrap_or_else(|| {
+                    agents::find(&a.agent)
+                        .map_or(airlock_template::BASE, |ag| ag.template)
+                        .to_string()
+                });
+                // Agent templates are layers over base, which only the
+                // namespace backend stacks so far: `auto` picks it for them.
+                let layered = mgr.templates().agent_pin(&template)?.is_some();
                 let (backend, notice) = airlock_sandbox::choose_backend(match a.isolation {
+                    Isolation::Auto if layered => airlock_sandbox::Isolation::Ns,
                     Isolation::Auto => airlock_sandbox::Isolation::Auto,
                     Isolation::Vm => airlock_sandbox::Isolation::Vm,
                     Isolation::Ns => airlock_sandbox::Isolation::Ns,
@@ -171,7 +180,7 @@ fn cmd_run(mgr: &Manager, a: RunArgs, attach: bool) -> Result<i32> {
                     agent: a.agent.clone(),
                     workspaces,
                     name: a.name.clone(),
-                    template: a.template.clone(),
+                    template,
                     agent_args: a.agent_args.clone(),
                     policy: Policy::default(),
                 };
@@ -599,32 +608,74 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                     .iter()
                     .map(|t| {
                         json!({"name": t.name, "rootfs": t.rootfs, "size_bytes": t.size_bytes,
-                               "created": t.created, "suite": t.suite, "packages": t.packages})
+                               "created": t.created, "suite": t.suite, "packages": t.packages,
+                               "parent": t.parent, "agent_package": t.agent_package,
+                               "agent_version": t.agent_version,
+                               "current": store.agent_is_current(t).unwrap_or(false)})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let rows: Vec<[String; 4]> = list
+                let rows: Vec<[String; 5]> = list
                     .iter()
                     .map(|t| {
+                        let agent = match (&t.agent_package, &t.agent_version) {
+                            (Some(p), Some(v)) => {
+                                let stale = if store.agent_is_current(t).unwrap_or(false) {
+                                    ""
+                                } else {
+                                    " (outdated: `airlock template build` it)"
+                                };
+                                format!("{p}@{v}{stale}")
+                            }
+                            _ => "-".into(),
+                        };
+                        let size = match &t.parent {
+                            Some(p) => format!("{:.0} MB (+{p})", t.size_bytes as f64 / 1e6),
+                            None => format!("{:.0} MB", t.size_bytes as f64 / 1e6),
+                        };
                         [
                             t.name.clone(),
-                            t.suite.clone(),
-                            format!("{:.0} MB", t.size_bytes as f64 / 1e6),
+                            agent,
+                            size,
                             t.created.clone(),
+                            t.suite.clone(),
                         ]
                     })
                     .collect();
-                print_table(&["NAME", "SUITE", "SIZE", "CREATED"], &rows);
+                print_table(&["NAME", "AGENT", "SIZE", "CREATED", "SUITE"], &rows);
             }
         }
         TemplateCmd::Build {
             name,
             force,
+            update,
             suite,
             mirror,
             packages,
         } => {
+            if store.agent_pin(&name)?.is_some() {
+                if !packages.is_empty() || mirror.is_some() {
+                    bail!(
+                        "{name} is an agent template (a layer over base): --package and --mirror apply to base"
+                    );
+                }
+                let mut progress = template_progress();
+                let t = store.build_agent(&name, force, update, &mut progress)?;
+                println!(
+                    "{} {}@{} ({:.0} MB over {}) at {}",
+                    t.name,
+                    t.agent_package.as_deref().unwrap_or("?"),
+                    t.agent_version.as_deref().unwrap_or("?"),
+                    t.size_bytes as f64 / 1e6,
+                    t.parent.as_deref().unwrap_or("-"),
+                    t.rootfs.display()
+                );
+                return Ok(0);
+            }
+            if update {
+                bail!("--update applies to agent templates (claude, codex, gemini, copilot, opencode)");
+            }
             let opts = airlock_template::BuildOptions {
                 suite,
                 mirror,
@@ -669,6 +720,18 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                 bail!(
                     "template {name:?} is used by sandboxes {}; remove them first",
                     users.join(", ")
+                );
+            }
+            let children: Vec<String> = store
+                .list()?
+                .into_iter()
+                .filter(|t| t.parent.as_deref() == Some(name.as_str()))
+                .map(|t| t.name)
+                .collect();
+            if !children.is_empty() {
+                bail!(
+                    "template {name:?} is the base of agent templates {}; remove them first",
+                    children.join(", ")
                 );
             }
             store.remove(&name)?;

@@ -147,6 +147,7 @@ fn run() -> Result<(), String> {
             if let Err(e) = vm::notify_ready(r) {
                 warning!("cannot tell the host we are ready (vsock port {r}): {e}");
             }
+            vm::start_dockerd();
             Listener::Vsock(l)
         }
         None => Listener::Unix(control_listener(cfg.control_fd)?),

@@ -11,7 +11,9 @@
 //! - `/airlock/config.json`: the [`GuestConfig`] (from the per-launch archive);
 //! - `/airlock/vm.conf`: tab-separated lines `root DEV`, `ws TAG PATH ro|rw`,
 //!   `file N PATH` (content in `/airlock/files/N`), `port N`,
-//!   `shutdown-port N`, `ready-port N` (host port told when we listen).
+//!   `shutdown-port N`, `ready-port N` (host port told when we listen),
+//!   `net IFNAME` (configure the NIC as the namespace backend's TAP is:
+//!   10.0.2.15/24, default route via 10.0.2.2, MTU 65520, no IPv6).
 
 use crate::log::{debug, warning};
 use crate::sys::cvt;
@@ -53,6 +55,7 @@ pub struct VmConf {
     pub port: Option<u32>,
     pub shutdown_port: Option<u32>,
     pub ready_port: Option<u32>,
+    pub net: Option<String>,
 }
 
 pub fn parse_conf(text: &str) -> Result<VmConf, String> {
@@ -78,6 +81,9 @@ pub fn parse_conf(text: &str) -> Result<VmConf, String> {
             ["port", p] => c.port = Some(p.parse().map_err(|_| bad())?),
             ["shutdown-port", p] => c.shutdown_port = Some(p.parse().map_err(|_| bad())?),
             ["ready-port", p] => c.ready_port = Some(p.parse().map_err(|_| bad())?),
+            ["net", ifname] if !ifname.is_empty() && ifname.len() < libc::IFNAMSIZ => {
+                c.net = Some(ifname.to_string())
+            }
             _ => return Err(bad()),
         }
     }
@@ -230,7 +236,94 @@ pub fn setup() -> Result<(GuestConfig, VmConf), String> {
         "mode=0755",
     );
     let _ = mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, "");
+    if let Some(ifname) = &conf.net {
+        // Not fatal: exec still works, so the machine can be inspected.
+        match configure_net(ifname) {
+            Ok(()) => debug!("{ifname} configured at {:.1?}", t0.elapsed()),
+            Err(e) => warning!("cannot configure {ifname}: {e}"),
+        }
+    }
     Ok((cfg, conf))
+}
+
+/// The guest network, as `airlock_backend::net` sets the namespace
+/// backend's TAP up (the user-space stack in the supervisor expects it).
+const NET_ADDR: [u8; 4] = [10, 0, 2, 15];
+const NET_MASK: [u8; 4] = [255, 255, 255, 0];
+const NET_GATEWAY: [u8; 4] = [10, 0, 2, 2];
+const NET_MTU: i32 = 65520;
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = c as libc::c_char;
+    }
+    r
+}
+
+fn sockaddr_in(a: [u8; 4]) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data.
+    unsafe { std::mem::transmute(sin) }
+}
+
+/// Wait for `ifname` (the driver probes the device when its module loads),
+/// then: MTU, address, netmask, IPv6 off, up, default route.
+fn configure_net(ifname: &str) -> Result<(), String> {
+    let sys = format!("/sys/class/net/{ifname}");
+    if !wait_for(&sys, Duration::from_secs(5)) {
+        return Err(format!("{sys} did not appear"));
+    }
+    // SAFETY: plain socket creation.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
+        .map_err(|e| format!("socket: {e}"))?;
+    // SAFETY: socket succeeded; we own the fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(s) };
+    let fd = sock.as_raw_fd();
+    let ioc = |what: &str, req: libc::c_ulong, r: &mut libc::ifreq| {
+        // SAFETY: these ioctls read/write the `struct ifreq` we pass.
+        cvt(unsafe { libc::ioctl(fd, req as _, r as *mut libc::ifreq) })
+            .map(drop)
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    let mut r = ifreq(ifname);
+    r.ifr_ifru.ifru_mtu = NET_MTU;
+    ioc("setting the MTU", libc::SIOCSIFMTU, &mut r)?;
+    let mut r = ifreq(ifname);
+    r.ifr_ifru.ifru_addr = sockaddr_in(NET_ADDR);
+    ioc("setting the address", libc::SIOCSIFADDR, &mut r)?;
+    let mut r = ifreq(ifname);
+    r.ifr_ifru.ifru_netmask = sockaddr_in(NET_MASK);
+    ioc("setting the netmask", libc::SIOCSIFNETMASK, &mut r)?;
+    // No IPv6 at all (the stack drops it anyway); best effort.
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+        "1",
+    );
+    let mut r = ifreq(ifname);
+    ioc("reading the flags", libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: after SIOCGIFFLAGS the flags member is the live one.
+    let flags = unsafe { r.ifr_ifru.ifru_flags } | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+    r.ifr_ifru.ifru_flags = flags;
+    ioc("bringing it up", libc::SIOCSIFFLAGS, &mut r)?;
+    // SAFETY: rtentry is plain data (null pointers are valid for it).
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in([0; 4]);
+    rt.rt_genmask = sockaddr_in([0; 4]);
+    rt.rt_gateway = sockaddr_in(NET_GATEWAY);
+    rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    // SAFETY: SIOCADDRT reads the `struct rtentry` we pass; rt_dev is null.
+    cvt(unsafe { libc::ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut libc::rtentry) })
+        .map(drop)
+        .map_err(|e| format!("adding the default route via 10.0.2.2: {e}"))
 }
 
 fn redirect_stdio(path: &str) {
@@ -316,6 +409,65 @@ pub fn accept(listener: RawFd) -> io::Result<UnixStream> {
     Ok(unsafe { UnixStream::from_raw_fd(fd) })
 }
 
+/// Where the template's Docker daemon may be.
+const DOCKERD: &[&str] = &["/usr/sbin/dockerd", "/usr/bin/dockerd"];
+/// The daemon's log inside the VM.
+pub const DOCKERD_LOG: &str = "/var/log/dockerd.log";
+
+/// Start the template's Docker daemon, if it has one, in the background
+/// (it never delays readiness; `docker` clients wait for its socket). The
+/// VM is the daemon's boundary: its images and containers live on this
+/// sandbox's root disk only. No bridge and no iptables: the guest kernel's
+/// netfilter and bridge modules are not loaded, so containers get
+/// `--network none` (only their loopback) or `--network host` (the VM's
+/// NIC, i.e. airlock's egress path).
+pub fn start_dockerd() {
+    let Some(bin) = DOCKERD.iter().find(|p| Path::new(p).is_file()) else {
+        return;
+    };
+    let log = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(DOCKERD_LOG)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            warning!("cannot open {DOCKERD_LOG}: {e}; not starting dockerd");
+            return;
+        }
+    };
+    let (Ok(out), Ok(err)) = (log.try_clone(), log.try_clone()) else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "--iptables=false",
+        "--ip6tables=false",
+        "--bridge=none",
+        "--storage-driver=overlay2",
+    ])
+    .env_clear()
+    .env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    )
+    .stdin(std::process::Stdio::null())
+    .stdout(out)
+    .stderr(err);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    // The reaper collects it when it exits; nobody waits for it here.
+    match cmd.spawn() {
+        Ok(c) => debug!("started {bin} (pid {})", c.id()),
+        Err(e) => warning!("cannot start {bin}: {e}"),
+    }
+}
+
 /// Power the machine off after syncing (VM mode's end of `shutdown`).
 pub fn power_off() -> ! {
     // SAFETY: sync and reboot have no memory-safety preconditions.
@@ -349,7 +501,7 @@ mod tests {
     #[test]
     fn conf_parses() {
         let c = parse_conf(
-            "root\t/dev/vda\nws\tws0\t/home/u/p\trw\nws\tws1\t/data\tro\nfile\t0\t/etc/x\nport\t1024\n\n",
+            "root\t/dev/vda\nnet\teth0\nws\tws0\t/home/u/p\trw\nws\tws1\t/data\tro\nfile\t0\t/etc/x\nport\t1024\n\n",
         )
             .unwrap();
         assert_eq!(c.root.as_deref(), Some("/dev/vda"));
@@ -362,6 +514,8 @@ mod tests {
         );
         assert_eq!(c.files, vec![("0".into(), PathBuf::from("/etc/x"))]);
         assert_eq!(c.port, Some(1024));
+        assert_eq!(c.net.as_deref(), Some("eth0"));
+        assert!(parse_conf("net\t").is_err());
         assert!(parse_conf("ws\ta\trel\trw").is_err());
         assert!(parse_conf("ws\ta\t/x\tmaybe").is_err());
         assert!(parse_conf("bogus").is_err());

@@ -202,6 +202,15 @@ impl Manager {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<airlock_template::Template> {
         let store = self.templates();
+        if store.agent_pin(name)?.is_some() {
+            // Agent templates: built (cached) at their pinned version.
+            if let Some(t) = store.get(name)? {
+                if store.agent_is_current(&t)? {
+                    return Ok(t);
+                }
+            }
+            return Ok(store.build_agent(name, false, false, progress)?);
+        }
         if let Some(t) = store.get(name)? {
             return Ok(t);
         }

@@ -30,6 +30,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 /// Where the guest agent relays proxy clients, inside the sandbox.
 pub const GUEST_PROXY_LISTEN: &str = "127.0.0.1:3128";
 pub const GUEST_PROXY_URL: &str = "http://127.0.0.1:3128";
+/// The explicit proxy in a VM: the user-space stack's gateway
+/// (`airlock_netstack::GATEWAY:PROXY_PORT`); no relay inside.
+pub const GUEST_VM_PROXY_URL: &str = "http://10.0.2.2:3128";
 /// The system trust store inside (replaced by system roots + airlock CA).
 pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// airlock's CA certificate alone (NODE_EXTRA_CA_CERTS).
@@ -114,7 +117,8 @@ fn run_in(
     let agent_l = bind(files::AGENT_SOCK)?;
     let control_l = bind(files::CONTROL_SOCK)?;
 
-    let template = airlock_template::TemplateStore::new(paths.templates.clone())
+    let templates = airlock_template::TemplateStore::new(paths.templates.clone());
+    let template = templates
         .get(&rec.template)
         .map_err(|e| chain(&e))?
         .ok_or_else(|| {
@@ -123,14 +127,26 @@ fn run_in(
             }
             .to_string()
         })?;
+    // Agent templates are layers over base: topmost first, base last.
+    let mut layers = templates.layers(&template).map_err(|e| chain(&e))?;
+    let base_rootfs = layers
+        .pop()
+        .expect("layers holds at least the template's own");
+    if rec.backend == "vm" && !layers.is_empty() {
+        return Err(format!(
+            "template {} is a layer over {}; the VM backend does not stack template layers yet: \
+             use --isolation ns",
+            rec.template,
+            template.parent.as_deref().unwrap_or("base")
+        ));
+    }
     let guest_binary = find_guest_binary()?;
 
     // TLS termination: the CA stays on the host (DATA/tls, never mounted
     // in); the sandbox trusts its certificate. Credentials: real values
     // stay here, the guest gets placeholders.
-    let ca = Arc::new(
-        airlock_tls::Ca::load_or_create(&paths.data.join("tls")).map_err(|e| chain(&e))?,
-    );
+    let ca =
+        Arc::new(airlock_tls::Ca::load_or_create(&paths.data.join("tls")).map_err(|e| chain(&e))?);
     let upstream = airlock_tls::upstream_client_config_from_env().map_err(|e| chain(&e))?;
     let providers = airlock_secrets::load_providers(&paths.data).map_err(|e| chain(&e))?;
     let secrets = airlock_secrets::SecretStore::open(&paths.data);
@@ -140,19 +156,21 @@ fn run_in(
     );
     let system_bundle = airlock_tls::SYSTEM_BUNDLE_PATHS
         .iter()
-        .find_map(|p| std::fs::read(template.rootfs.join(p)).ok())
+        .find_map(|p| std::fs::read(base_rootfs.join(p)).ok())
         .unwrap_or_default();
     let bundle = airlock_tls::guest_bundle(&system_bundle, ca.cert_pem());
     let mut env = base_env(rec);
     env.extend(airlock_tls::guest_env(GUEST_CA_BUNDLE, GUEST_CA_CERT));
     env.extend(creds.placeholder_env());
 
+    // A VM reaches the proxy over its NIC (10.0.2.2:3128): no relay.
+    let relay = rec.backend != "vm";
     let config = GuestConfig {
         hostname: rec.name.clone(),
         env,
         control_fd: -1,
-        proxy_listen: Some(GUEST_PROXY_LISTEN.into()),
-        proxy_socket: Some(GUEST_PROXY_SOCKET.into()),
+        proxy_listen: relay.then(|| GUEST_PROXY_LISTEN.into()),
+        proxy_socket: relay.then(|| GUEST_PROXY_SOCKET.into()),
         workspaces: rec
             .workspaces
             .iter()
@@ -163,8 +181,8 @@ fn run_in(
     // sandbox keeps only loopback and the explicit proxy relay.
     let vm = rec.backend == "vm";
     let network = if vm {
-        // The VM's NIC is not wired to the user-space stack yet.
-        NetworkMode::Loopback
+        // A virtio-net NIC on a stream socket: always available.
+        NetworkMode::Tap
     } else {
         network_mode()
     };
@@ -172,9 +190,13 @@ fn run_in(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
         rec.name
     );
+    if !vm {
+        prepare_layer(&sandbox_dir.join(files::LAYER))?;
+    }
     let spec = LaunchSpec {
         name: rec.name.clone(),
-        rootfs: template.rootfs.clone(),
+        rootfs: base_rootfs,
+        lower_layers: layers,
         layer_dir: sandbox_dir.join(files::LAYER),
         run_dir: run_dir.to_path_buf(),
         workspaces: rec
@@ -193,7 +215,10 @@ fn run_in(
         extra_files: {
             let mut f = vec![
                 (PathBuf::from(GUEST_CA_BUNDLE), bundle),
-                (PathBuf::from(GUEST_CA_CERT), ca.cert_pem().as_bytes().to_vec()),
+                (
+                    PathBuf::from(GUEST_CA_CERT),
+                    ca.cert_pem().as_bytes().to_vec(),
+                ),
                 // So that update-ca-certificates inside keeps trusting it.
                 (
                     PathBuf::from("/usr/local/share/ca-certificates/airlock-ca.crt"),
@@ -216,7 +241,7 @@ fn run_in(
     };
     eprintln!("airlock supervisor {}: network {network:?}", rec.id);
     let backend: Box<dyn Backend> = if vm {
-        Box::new(airlock_backend::VmBackend::new())
+        Box::new(airlock_backend::VmBackend::new().with_network(network))
     } else {
         Box::new(NamespaceBackend::new().with_network(network))
     };
@@ -286,13 +311,22 @@ fn run_in(
             init_pid,
         ));
         rt.spawn(watch_signals(stopping.clone(), init_pid));
-        if let Some(fd) = instance.take_network_fd() {
-            let link = airlock_netstack::TapLink::new(fd)
-                .map_err(|e| format!("the sandbox's network device: {e}"))?;
-            let stack = airlock_netstack::Netstack::new(
-                Box::new(link),
-                Arc::new(ToEgress(egress.clone())),
-            );
+        if let Some((fd, kind)) = instance.take_network() {
+            let link: Box<dyn airlock_netstack::Link> = match kind {
+                airlock_backend::LinkKind::Tap => Box::new(
+                    airlock_netstack::TapLink::new(fd)
+                        .map_err(|e| format!("the sandbox's network device: {e}"))?,
+                ),
+                airlock_backend::LinkKind::Stream => {
+                    let s = std::os::unix::net::UnixStream::from(fd);
+                    let s = s
+                        .set_nonblocking(true)
+                        .and_then(|_| tokio::net::UnixStream::from_std(s))
+                        .map_err(|e| format!("the VM's network socket: {e}"))?;
+                    Box::new(airlock_netstack::StreamLink::new(s))
+                }
+            };
+            let stack = airlock_netstack::Netstack::new(link, Arc::new(ToEgress(egress.clone())));
             rt.spawn(async move {
                 if let Err(e) = stack.run().await {
                     eprintln!("network stack stopped: {e}");
@@ -473,8 +507,13 @@ pub fn base_env(rec: &SandboxRecord) -> Vec<(String, String)> {
         // Tells agents (Claude Code among them) that they run in a sandbox.
         ("IS_SANDBOX".into(), "1".into()),
     ];
+    let proxy = if rec.backend == "vm" {
+        GUEST_VM_PROXY_URL
+    } else {
+        GUEST_PROXY_URL
+    };
     for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-        env.push((k.into(), GUEST_PROXY_URL.into()));
+        env.push((k.into(), proxy.into()));
     }
     for k in ["NO_PROXY", "no_proxy"] {
         env.push((k.into(), "localhost,127.0.0.1,::1".into()));
@@ -565,4 +604,25 @@ impl airlock_netstack::FlowHandler for ToEgress {
     fn dropped(&self, d: airlock_netstack::Dropped) {
         self.0.record_dropped(d.proto.as_str(), d.dst, d.reason);
     }
+}
+
+/// Directories that the template's packages give to system users but that
+/// the sandbox's root must own: workloads run without capabilities, so root
+/// inside cannot chmod or unlink files of other users (apt's `partial`
+/// directories belong to `_apt`; airlock runs apt as root). Created in the
+/// sandbox's writable layer, owned by the invoker (root inside), so they
+/// shadow the template's.
+fn prepare_layer(layer: &Path) -> Result<(), String> {
+    for d in [
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+    ] {
+        let p = layer.join("upper").join(d);
+        if !p.exists() {
+            std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
 }

@@ -16,7 +16,12 @@
 //! <root>/.<name>.lock              flock(2) serialising builds/removals
 //! <root>/<name>.tmp-<rand>/        build in progress (removed on failure,
 //!                                  stale ones removed by the next build)
+//! <root>/agents.lock               per-machine agent pins (`--update`)
 //! ```
+//!
+//! An agent template (`claude`, ...; see [`agent`]) has a `parent` in its
+//! meta: its `rootfs/` holds only its own files, and a sandbox mounts it
+//! over the parent's ([`TemplateStore::layers`]).
 
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +30,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+pub mod agent;
+pub use agent::{builtin_pins, npm_latest, parse_lock, AgentPin};
 
 /// Name of the default template.
 pub const BASE: &str = "base";
@@ -73,6 +81,11 @@ pub struct Template {
     pub mirror: String,
     /// File ownership was shifted by [`ID_SHIFT_BASE`] (extracted as root).
     pub id_shifted: bool,
+    /// Agent templates: the template this one is a layer over.
+    pub parent: Option<String>,
+    /// Agent templates: the npm package and exact version installed.
+    pub agent_package: Option<String>,
+    pub agent_version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +155,16 @@ pub enum TemplateError {
     },
     #[error("template {0} not found")]
     NotFound(String),
+    #[error("agent lock file {path}: {reason}")]
+    Lock { path: PathBuf, reason: String },
+    #[error("{message}")]
+    Npm { message: String },
+    #[error("template {name} is a layer over {parent}, which is not built; build it with `airlock template build {parent}`")]
+    MissingParent { name: String, parent: String },
+    #[error("{name:?} is not an agent template; agent templates: {known}")]
+    NotAgent { name: String, known: String },
+    #[error("building agent templates needs root for now (the layer is installed in a mount namespace over the base template); run `sudo airlock template build {0}`")]
+    AgentNeedsRoot(String),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> TemplateError + 'a {
@@ -165,6 +188,15 @@ struct Meta {
     size_bytes: u64,
     #[serde(default)]
     id_shifted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
+    /// `created` of the parent this layer was installed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent_created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_package: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_version: Option<String>,
 }
 
 impl Meta {
@@ -178,6 +210,9 @@ impl Meta {
             suite: self.suite,
             mirror: self.mirror,
             id_shifted: self.id_shifted,
+            parent: self.parent,
+            agent_package: self.agent_package,
+            agent_version: self.agent_version,
         }
     }
 }
@@ -188,7 +223,7 @@ pub struct TemplateStore {
     root: PathBuf,
 }
 
-fn validate_name(name: &str) -> Result<(), TemplateError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), TemplateError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -347,7 +382,7 @@ impl TemplateStore {
             }
         }
         let suite = opts.suite.clone();
-        self.create(name, opts.force, progress, |rootfs, progress| {
+        self.create(name, opts.force, false, progress, |rootfs, progress| {
             progress(Progress::Step(format!(
                 "running mmdebstrap ({suite}, {} packages, {mirror})",
                 packages.len()
@@ -362,6 +397,10 @@ impl TemplateStore {
                 created: String::new(),
                 size_bytes: 0,
                 id_shifted: false,
+                parent: None,
+                parent_created: None,
+                agent_package: None,
+                agent_version: None,
             })
         })
     }
@@ -378,7 +417,7 @@ impl TemplateStore {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Template, TemplateError> {
         validate_name(name)?;
-        self.create(name, true, progress, |rootfs, progress| {
+        self.create(name, true, false, progress, |rootfs, progress| {
             progress(Progress::Step(format!("extracting {}", tarball.display())));
             let f = File::open(tarball).map_err(io_err("opening", tarball))?;
             extract(Stdio::from(f), rootfs)?;
@@ -391,6 +430,10 @@ impl TemplateStore {
                 created: String::new(),
                 size_bytes: 0,
                 id_shifted: false,
+                parent: None,
+                parent_created: None,
+                agent_package: None,
+                agent_version: None,
             })
         })
     }
@@ -401,6 +444,7 @@ impl TemplateStore {
         &self,
         name: &str,
         replace: bool,
+        layer: bool,
         progress: &mut dyn FnMut(Progress),
         fill: impl FnOnce(&Path, &mut dyn FnMut(Progress)) -> Result<Meta, TemplateError>,
     ) -> Result<Template, TemplateError> {
@@ -430,10 +474,12 @@ impl TemplateStore {
                 ));
                 shift_ids(&rootfs)?;
             }
-            progress(Progress::Step(
-                "configuring the root filesystem for sandboxes".into(),
-            ));
-            configure_rootfs(&rootfs)?;
+            if !layer {
+                progress(Progress::Step(
+                    "configuring the root filesystem for sandboxes".into(),
+                ));
+                configure_rootfs(&rootfs)?;
+            }
             meta.id_shifted = shifted;
             meta.size_bytes = tree_size(&rootfs)?;
             meta.created = now_rfc3339();
@@ -458,6 +504,156 @@ impl TemplateStore {
                 Err(e)
             }
         }
+    }
+
+    /// The read-only layers of a template, topmost first: its own
+    /// `rootfs/`, then its parent's, down to a full root filesystem.
+    pub fn layers(&self, t: &Template) -> Result<Vec<PathBuf>, TemplateError> {
+        let mut out = vec![t.rootfs.clone()];
+        let mut cur = t.clone();
+        while let Some(parent) = cur.parent.clone() {
+            if out.len() > 8 {
+                return Err(TemplateError::MissingParent {
+                    name: t.name.clone(),
+                    parent: format!("{parent} (a chain longer than 8)"),
+                });
+            }
+            cur = self
+                .get(&parent)?
+                .ok_or_else(|| TemplateError::MissingParent {
+                    name: cur.name.clone(),
+                    parent: parent.clone(),
+                })?;
+            out.push(cur.rootfs.clone());
+        }
+        Ok(out)
+    }
+
+    /// Agent pins in force: the checked-in lock, overridden by
+    /// `<root>/agents.lock`.
+    pub fn agent_pins(&self) -> Result<Vec<AgentPin>, TemplateError> {
+        agent::pins_for(&self.root)
+    }
+
+    /// The pin of agent template `name`, if it is one.
+    pub fn agent_pin(&self, name: &str) -> Result<Option<AgentPin>, TemplateError> {
+        Ok(self.agent_pins()?.into_iter().find(|p| p.name == name))
+    }
+
+    /// Whether an existing agent template matches its pin and its parent's
+    /// current build.
+    pub fn agent_is_current(&self, t: &Template) -> Result<bool, TemplateError> {
+        let Some(pin) = self.agent_pin(&t.name)? else {
+            return Ok(true);
+        };
+        if t.agent_version.as_deref() != Some(pin.version.as_str())
+            || t.agent_package.as_deref() != Some(pin.package.as_str())
+        {
+            return Ok(false);
+        }
+        let meta: Meta = serde_json::from_str(
+            &fs::read_to_string(self.dir(&t.name).join("meta.json"))
+                .map_err(io_err("reading", &self.dir(&t.name)))?,
+        )
+        .map_err(|source| TemplateError::Meta {
+            path: self.dir(&t.name).join("meta.json"),
+            source,
+        })?;
+        let parent = match &meta.parent {
+            Some(p) => self.get(p)?,
+            None => return Ok(true),
+        };
+        Ok(parent.is_some_and(|p| Some(p.created) == meta.parent_created))
+    }
+
+    /// Build agent template `name` (a lock file entry): `base` (built first
+    /// if missing) plus its npm package at the pinned version, as a layer.
+    /// Cached: returns the existing template when it has the pinned version
+    /// over the current base, unless `force`. `update` first moves the pin
+    /// to the registry's latest version (recorded in `<root>/agents.lock`).
+    pub fn build_agent(
+        &self,
+        name: &str,
+        force: bool,
+        update: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Template, TemplateError> {
+        validate_name(name)?;
+        let mut pin = self
+            .agent_pin(name)?
+            .ok_or_else(|| TemplateError::NotAgent {
+                name: name.into(),
+                known: self
+                    .agent_pins()
+                    .map(|p| p.into_iter().map(|p| p.name).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default(),
+            })?;
+        if update {
+            progress(Progress::Step(format!(
+                "looking up the latest {} (npm view)",
+                pin.package
+            )));
+            let latest = npm_latest(&pin.package)?;
+            if latest != pin.version {
+                progress(Progress::Step(format!(
+                    "{}: {} -> {latest} (recorded in {})",
+                    pin.package,
+                    pin.version,
+                    self.root.join(agent::STORE_LOCK).display()
+                )));
+                pin.version = latest;
+                fs::create_dir_all(&self.root)
+                    .map_err(io_err("creating the template store", &self.root))?;
+                agent::write_pin(&self.root, &pin)?;
+            }
+        }
+        let existing = self.get(name)?;
+        if !force {
+            if let Some(t) = &existing {
+                if self.agent_is_current(t)? {
+                    progress(Progress::Done);
+                    return Ok(t.clone());
+                }
+            }
+        }
+        // A first build does not replace: two concurrent first runs build
+        // once (the second finds the first's under the lock).
+        let replace = force || existing.is_some();
+        if !is_root() {
+            return Err(TemplateError::AgentNeedsRoot(name.into()));
+        }
+        let base = self.build(BASE, &BuildOptions::default(), &mut |p| {
+            if !matches!(p, Progress::Done) {
+                progress(p)
+            }
+        })?;
+        if base.parent.is_some() {
+            return Err(TemplateError::MissingParent {
+                name: name.into(),
+                parent: BASE.into(),
+            });
+        }
+        self.create(name, replace, true, progress, |rootfs, progress| {
+            progress(Progress::Step(format!(
+                "npm install -g {} inside {BASE} (a layer of only its files)",
+                pin.spec()
+            )));
+            agent::install_layer(&base.rootfs, rootfs, &pin, progress)?;
+            Ok(Meta {
+                version: META_VERSION,
+                name: name.to_string(),
+                suite: base.suite.clone(),
+                mirror: base.mirror.clone(),
+                packages: vec![pin.spec()],
+                created: String::new(),
+                size_bytes: 0,
+                id_shifted: false,
+                parent: Some(BASE.into()),
+                parent_created: Some(base.created.clone()),
+                agent_package: Some(pin.package.clone()),
+                agent_version: Some(pin.version.clone()),
+            })
+        })
     }
 
     /// Remove leftovers of interrupted builds/removals of `name` (we hold
@@ -956,6 +1152,10 @@ mod tests {
             created: now_rfc3339(),
             size_bytes: 42,
             id_shifted: false,
+            parent: None,
+            parent_created: None,
+            agent_package: None,
+            agent_version: None,
         };
         write_meta(&dir.join("meta.json"), &meta).unwrap();
     }
@@ -995,6 +1195,73 @@ mod tests {
         // Stale tmp dirs are cleaned by the next build of that name.
         store.remove_stale("base").unwrap();
         assert!(!store.root().join("base.tmp-123").exists());
+    }
+
+    #[test]
+    fn agent_layers_resolve_over_base_and_go_stale_with_it() {
+        let d = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(d.path().join("templates"));
+        fake_template(&store, BASE);
+        let base = store.get(BASE).unwrap().unwrap();
+        let pin = store.agent_pin("claude").unwrap().unwrap();
+        let dir = store.dir("claude");
+        fs::create_dir_all(dir.join("rootfs/usr/local/bin")).unwrap();
+        let meta = |version: &str, parent_created: &str| Meta {
+            version: META_VERSION,
+            name: "claude".into(),
+            suite: "trixie".into(),
+            mirror: DEFAULT_MIRROR.into(),
+            packages: vec![pin.spec()],
+            created: now_rfc3339(),
+            size_bytes: 7,
+            id_shifted: false,
+            parent: Some(BASE.into()),
+            parent_created: Some(parent_created.into()),
+            agent_package: Some(pin.package.clone()),
+            agent_version: Some(version.into()),
+        };
+        write_meta(&dir.join("meta.json"), &meta(&pin.version, &base.created)).unwrap();
+        let t = store.get("claude").unwrap().unwrap();
+        assert_eq!(t.parent.as_deref(), Some(BASE));
+        assert_eq!(
+            store.layers(&t).unwrap(),
+            vec![dir.join("rootfs"), base.rootfs.clone()]
+        );
+        assert_eq!(store.layers(&base).unwrap(), vec![base.rootfs.clone()]);
+        assert!(store.agent_is_current(&t).unwrap());
+        // Another pinned version, or a rebuilt base: outdated.
+        write_meta(&dir.join("meta.json"), &meta("0.0.1", &base.created)).unwrap();
+        assert!(!store
+            .agent_is_current(&store.get("claude").unwrap().unwrap())
+            .unwrap());
+        write_meta(&dir.join("meta.json"), &meta(&pin.version, "earlier")).unwrap();
+        assert!(!store
+            .agent_is_current(&store.get("claude").unwrap().unwrap())
+            .unwrap());
+        // A per-machine pin (--update) takes over.
+        agent::write_pin(
+            store.root(),
+            &AgentPin {
+                version: "0.0.1".into(),
+                ..pin.clone()
+            },
+        )
+        .unwrap();
+        write_meta(&dir.join("meta.json"), &meta("0.0.1", &base.created)).unwrap();
+        assert!(store
+            .agent_is_current(&store.get("claude").unwrap().unwrap())
+            .unwrap());
+        // Without its base, a layer cannot be used.
+        store.remove(BASE).unwrap();
+        let t = store.get("claude").unwrap().unwrap();
+        assert!(matches!(
+            store.layers(&t),
+            Err(TemplateError::MissingParent { .. })
+        ));
+        assert!(matches!(
+            store.build_agent("nope", false, false, &mut |_| {}),
+            Err(TemplateError::NotAgent { .. })
+        ));
     }
 
     #[test]

@@ -254,9 +254,16 @@ fn build_root(spec: &InitSpec) -> Result<(), Fail> {
     )
     .step("making the mount tree private")?;
 
+    // Topmost first: agent layers, then the base root filesystem.
+    let lowerdir: Vec<String> = spec
+        .lower_layers
+        .iter()
+        .chain(std::iter::once(&spec.rootfs))
+        .map(|p| p.display().to_string())
+        .collect();
     let opts = format!(
         "lowerdir={},upperdir={},workdir={},userxattr",
-        spec.rootfs.display(),
+        lowerdir.join(":"),
         spec.upper.display(),
         spec.work.display()
     );

@@ -75,6 +75,9 @@ struct InitSpec {
     name: String,
     hostname: String,
     rootfs: PathBuf,
+    /// Layers over `rootfs`, topmost first.
+    #[serde(default)]
+    lower_layers: Vec<PathBuf>,
     upper: PathBuf,
     work: PathBuf,
     newroot: PathBuf,
@@ -111,7 +114,7 @@ impl NamespaceBackend {
     }
 
     /// The sandboxes' network: [`NetworkMode::Loopback`] (default) or
-    /// [`NetworkMode::Tap`] (a TAP `eth0` whose fd [`Instance::take_network_fd`] returns).
+    /// [`NetworkMode::Tap`] (a TAP `eth0` whose fd [`Instance::take_network`] returns).
     pub fn with_network(mut self, mode: NetworkMode) -> Self {
         self.network = mode;
         self
@@ -514,6 +517,7 @@ fn launch(
     let LaunchSpec {
         name,
         rootfs,
+        lower_layers,
         layer_dir,
         run_dir,
         workspaces,
@@ -527,6 +531,15 @@ fn launch(
 
     check_overlay_path("rootfs", &rootfs)?;
     check_overlay_path("layer_dir", &layer_dir)?;
+    for l in &lower_layers {
+        check_overlay_path("lower layer", l)?;
+        if !l.is_dir() {
+            return Err(BackendError::InvalidSpec(format!(
+                "lower layer {} is not a directory",
+                l.display()
+            )));
+        }
+    }
     check_abs("run_dir", &run_dir)?;
     check_abs("guest_binary", &guest_binary)?;
     if !rootfs.join("bin").exists() && !rootfs.join("usr/bin").is_dir() {
@@ -625,6 +638,7 @@ fn launch(
             guest_config.hostname.clone()
         },
         rootfs,
+        lower_layers,
         upper,
         work,
         newroot,
@@ -885,8 +899,8 @@ impl NsInstance {
 }
 
 impl Instance for NsInstance {
-    fn take_network_fd(&mut self) -> Option<OwnedFd> {
-        self.net_fd.take()
+    fn take_network(&mut self) -> Option<(OwnedFd, crate::LinkKind)> {
+        self.net_fd.take().map(|fd| (fd, crate::LinkKind::Tap))
     }
 
     fn pid(&self) -> u32 {

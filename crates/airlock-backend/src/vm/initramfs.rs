@@ -23,6 +23,9 @@ pub const MODULES: &[&str] = &[
     "virtio_blk",
     "virtiofs",
     "vmw_vsock_virtio_transport",
+    "virtio_net",
+    // For a template's Docker daemon (overlay2 storage); small.
+    "overlay",
 ];
 
 fn io_err(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BackendError {
@@ -170,8 +173,12 @@ pub fn base(cache: &Path, kernel_dir: &Path, guest_binary: &Path) -> Result<Path
 
 /// The `vm.conf` the guest agent reads. With `guest_ro`, `:ro` workspaces
 /// are also mounted read-only by the guest (virtiofsd enforces it anyway).
-pub fn vm_conf(spec: &LaunchSpec, guest_ro: bool) -> String {
+/// With `net`, the guest configures its NIC as `eth0` (`net eth0`).
+pub fn vm_conf(spec: &LaunchSpec, guest_ro: bool, net: bool) -> String {
     let mut s = String::from("root\t/dev/vda\n");
+    if net {
+        s.push_str(&format!("net\t{}\n", crate::net::GUEST_IFNAME));
+    }
     for (i, w) in spec.workspaces.iter().enumerate() {
         let mode = if w.read_only && guest_ro { "ro" } else { "rw" };
         s.push_str(&format!("ws\tws{i}\t{}\t{mode}\n", w.path.display()));
@@ -194,6 +201,7 @@ pub fn per_launch(
     out: &Path,
     spec: &LaunchSpec,
     guest_ro: bool,
+    net: bool,
 ) -> Result<(), BackendError> {
     for (p, _) in &spec.extra_files {
         let s = p.to_string_lossy();
@@ -211,7 +219,11 @@ pub fn per_launch(
         let mut w = CpioWriter::new(&mut buf);
         let r = (|| {
             w.file("airlock/config.json", 0o600, &config)?;
-            w.file("airlock/vm.conf", 0o600, vm_conf(spec, guest_ro).as_bytes())?;
+            w.file(
+                "airlock/vm.conf",
+                0o600,
+                vm_conf(spec, guest_ro, net).as_bytes(),
+            )?;
             for (i, (_, data)) in spec.extra_files.iter().enumerate() {
                 w.file(&format!("airlock/files/{i}"), 0o644, data)?;
             }

@@ -9,8 +9,11 @@
 //! - QEMU: `-M microvm,acpi=on`, qboot, the Debian cloud kernel as a PVH
 //!   vmlinux, an initramfs that airlock builds ([`initramfs`]) with the
 //!   static guest agent as `/init`, the root disk as a qcow2 overlay
-//!   (`disk`) over a shared ext4 image of the template, and no other
-//!   devices (no NIC yet).
+//!   (`disk`) over a shared ext4 image of the template, and, with
+//!   [`NetworkMode::Tap`] ([`VmBackend::with_network`]), one virtio-net NIC
+//!   on `-netdev stream` over an inherited `AF_UNIX` `SOCK_STREAM` socketpair
+//!   whose other end [`Instance::take_network`] hands out
+//!   ([`crate::LinkKind::Stream`]); nothing else (no slirp, no TAP on the host).
 //!
 //! Connections to `spec.control_fd` are relayed to the agent's vsock port
 //! 1024. `terminate` asks the agent for a clean power-off over vsock port
@@ -26,10 +29,12 @@ mod disk;
 pub mod initramfs;
 pub mod relay;
 
-use crate::{Backend, BackendError, BackendKind, Instance, LaunchSpec, ProbeReport};
+use crate::{
+    Backend, BackendError, BackendKind, Instance, LaunchSpec, LinkKind, NetworkMode, ProbeReport,
+};
 use std::fs;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -130,6 +135,7 @@ fn find_tool(name: &str) -> PathBuf {
 #[derive(Debug, Clone, Default)]
 pub struct VmBackend {
     cfg: VmConfig,
+    network: NetworkMode,
 }
 
 impl VmBackend {
@@ -138,7 +144,20 @@ impl VmBackend {
     }
 
     pub fn with_config(cfg: VmConfig) -> Self {
-        VmBackend { cfg }
+        VmBackend {
+            cfg,
+            network: NetworkMode::Loopback,
+        }
+    }
+
+    /// The sandboxes' network: [`NetworkMode::Loopback`] (default: no NIC at
+    /// all) or [`NetworkMode::Tap`] (a virtio-net NIC whose frames come out
+    /// of the socket [`Instance::take_network`] returns, as
+    /// [`LinkKind::Stream`]; the guest configures it like the namespace
+    /// backend's TAP: 10.0.2.15/24 via 10.0.2.2, MTU 65520, no IPv6).
+    pub fn with_network(mut self, mode: NetworkMode) -> Self {
+        self.network = mode;
+        self
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -310,7 +329,7 @@ impl Backend for VmBackend {
     }
 
     fn launch(&self, spec: LaunchSpec) -> Result<Box<dyn Instance>, BackendError> {
-        launch(&self.cfg, spec).map(|i| Box::new(i) as Box<dyn Instance>)
+        launch(&self.cfg, self.network, spec).map(|i| Box::new(i) as Box<dyn Instance>)
     }
 }
 
@@ -437,7 +456,30 @@ struct Files {
     initrd: PathBuf,
 }
 
-fn launch(cfg: &VmConfig, spec: LaunchSpec) -> Result<VmInstance, BackendError> {
+/// A connected `AF_UNIX` `SOCK_STREAM` pair (close-on-exec).
+fn stream_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: two fresh descriptors we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn launch(
+    cfg: &VmConfig,
+    network: NetworkMode,
+    spec: LaunchSpec,
+) -> Result<VmInstance, BackendError> {
     let name = spec.name.clone();
     let setup = |step: &str, message: String| BackendError::Setup {
         name: name.clone(),
@@ -481,7 +523,8 @@ fn launch(cfg: &VmConfig, spec: LaunchSpec) -> Result<VmInstance, BackendError> 
             .collect(),
         initrd: run.join("initrd.cpio"),
     };
-    initramfs::per_launch(&base, &files.initrd, &spec, cfg.guest_ro_mounts)?;
+    let net = network == NetworkMode::Tap;
+    initramfs::per_launch(&base, &files.initrd, &spec, cfg.guest_ro_mounts, net)?;
 
     // Root disk.
     let image = disk::base_image(&cfg.cache_dir, &spec.rootfs)?;
@@ -547,6 +590,33 @@ fn launch(cfg: &VmConfig, spec: LaunchSpec) -> Result<VmInstance, BackendError> 
             .arg("-device")
             .arg(format!("vhost-user-fs-device,chardev=fs{i},tag=ws{i}"));
     }
+    // The NIC: QEMU's end of a socketpair, inherited (its number stays the
+    // same in the child: only close-on-exec is cleared there).
+    let (net_host, net_qemu) = if net {
+        let (h, g) = stream_pair().map_err(|source| BackendError::Sys {
+            step: "creating the network socket pair",
+            source,
+        })?;
+        let raw = g.as_raw_fd();
+        q.arg("-netdev")
+            .arg(format!(
+                "stream,id=n0,server=off,addr.type=fd,addr.str={raw}"
+            ))
+            .args(["-device", "virtio-net-device,netdev=n0"]);
+        // SAFETY: fcntl on a descriptor that stays open until after the
+        // spawn (the owner thread holds `g`); async-signal-safe.
+        unsafe {
+            q.pre_exec(move || {
+                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        (Some(h), Some(g))
+    } else {
+        (None, None)
+    };
 
     let listener = UnixListener::from(spec.control_fd);
     // Set when QEMU has exited (the relay stops waiting for the guest) or
@@ -573,7 +643,7 @@ fn launch(cfg: &VmConfig, spec: LaunchSpec) -> Result<VmInstance, BackendError> 
                 source,
             })?;
     }
-    let owner = match Owner::start(daemons, q, log, name.clone(), stop.clone()) {
+    let owner = match Owner::start(daemons, q, net_qemu, log, name.clone(), stop.clone()) {
         Ok(o) => o,
         Err(e) => {
             stop.store(true, Ordering::SeqCst);
@@ -607,6 +677,7 @@ fn launch(cfg: &VmConfig, spec: LaunchSpec) -> Result<VmInstance, BackendError> 
         stop,
         run_dir: run,
         vsock_uds: files.vsock_uds,
+        network: net_host,
     })
 }
 
@@ -635,6 +706,7 @@ impl Owner {
     fn start(
         daemons: Vec<(Command, PathBuf)>,
         qemu: Command,
+        qemu_fd: Option<OwnedFd>,
         log: fs::File,
         name: String,
         gone: Arc<AtomicBool>,
@@ -643,7 +715,7 @@ impl Owner {
         let st = state.clone();
         std::thread::Builder::new()
             .name("vm-owner".into())
-            .spawn(move || owner_main(daemons, qemu, log, st, gone))
+            .spawn(move || owner_main(daemons, qemu, qemu_fd, log, st, gone))
             .map_err(|source| BackendError::Sys {
                 step: "starting the VM owner thread",
                 source,
@@ -704,6 +776,7 @@ fn stop_child(c: &mut Child, grace: Duration) {
 fn owner_main(
     daemons: Vec<(Command, PathBuf)>,
     mut qemu: Command,
+    qemu_fd: Option<OwnedFd>,
     log: fs::File,
     state: Arc<(Mutex<OwnerState>, Condvar)>,
     gone: Arc<AtomicBool>,
@@ -745,7 +818,11 @@ fn owner_main(
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    let mut q = match spawn_owned(&mut qemu, &log) {
+    let spawned = spawn_owned(&mut qemu, &log);
+    // QEMU has its copy now (or failed): ours must go, so that the
+    // supervisor's end sees EOF when QEMU exits.
+    drop(qemu_fd);
+    let mut q = match spawned {
         Ok(q) => q,
         Err(e) => {
             kill_all(&mut children);
@@ -788,6 +865,8 @@ pub struct VmInstance {
     stop: Arc<AtomicBool>,
     run_dir: PathBuf,
     vsock_uds: PathBuf,
+    /// The host end of the NIC's stream socket, until taken.
+    network: Option<OwnedFd>,
 }
 
 impl VmInstance {
@@ -813,6 +892,10 @@ impl VmInstance {
 }
 
 impl Instance for VmInstance {
+    fn take_network(&mut self) -> Option<(OwnedFd, LinkKind)> {
+        self.network.take().map(|fd| (fd, LinkKind::Stream))
+    }
+
     fn pid(&self) -> u32 {
         lock(&self.owner.state.0).qemu_pid
     }

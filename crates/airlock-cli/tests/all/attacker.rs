@@ -306,6 +306,17 @@ fn programs_ignoring_proxy_variables_get_the_same_policy() {
         text(&out.stdout),
         text(&out.stderr)
     );
+    // A raw TLS client (no proxy support at all) to a blocked host gets no
+    // certificate, let alone the server.
+    let out = w.sh(
+        &sb,
+        "echo | timeout 10 openssl s_client -connect blocked.test:443 -servername blocked.test 2>&1",
+    );
+    let t = text(&out.stdout);
+    assert!(
+        !t.contains("BEGIN CERTIFICATE") && !t.contains("Verify return code: 0"),
+        "{t}"
+    );
     assert!(
         w.outer.hits_to(BLOCKED_IP).is_empty(),
         "leaked: {:?}",

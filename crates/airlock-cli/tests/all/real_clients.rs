@@ -67,7 +67,7 @@ fn package_managers_work_through_the_engine() {
         text(&out.stdout),
         text(&out.stderr)
     );
-    let out = sh("apt-get update -q 2>&1 | tail -3");
+    let out = sh("apt-get update -q > /tmp/apt.log 2>&1; rc=$?; tail -3 /tmp/apt.log; exit $rc");
     assert_ok(&out, "apt-get update");
     assert!(
         !text(&out.stdout).contains("Err:"),
@@ -77,6 +77,14 @@ fn package_managers_work_through_the_engine() {
     // pip's index over HTTPS with the merged bundle (python's own TLS).
     let out = sh("python3 -c \"import urllib.request; print(urllib.request.urlopen('https://pypi.org/simple/six/').status)\"");
     assert_eq!(text(&out.stdout).trim(), "200", "{}", text(&out.stderr));
+    // pip itself, installed from Debian through the engine, then used.
+    let out = sh("apt-get install -y -q --no-install-recommends python3-pip >/dev/null 2>&1 && cd /tmp && python3 -m pip download --no-deps -q -d /tmp/wheels six==1.16.0 2>&1 && ls /tmp/wheels");
+    assert!(
+        text(&out.stdout).contains("six-1.16.0"),
+        "pip: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     // Anything else is refused in deny mode.
     let out = sh("curl -sS -m 10 -o /dev/null -w '%{http_code}' https://example.com/");
     assert_ne!(text(&out.stdout), "200");

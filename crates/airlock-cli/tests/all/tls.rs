@@ -213,6 +213,16 @@ fn credentials_are_injected_on_the_host_and_never_enter_the_sandbox() {
         text(&out.stdout),
         text(&out.stderr)
     );
+    // A raw TLS client ignoring proxies: captured, terminated, trusted.
+    let out = w.sh(
+        &sb,
+        "echo | timeout 10 openssl s_client -connect api.test:443 -servername api.test 2>&1",
+    );
+    assert!(
+        text(&out.stdout).contains("Verify return code: 0 (ok)"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = w.sh(&sb, "git ls-remote https://api.test/repo.git 2>&1; true");
     assert!(
         !text(&out.stdout).contains("SSL certificate problem"),
