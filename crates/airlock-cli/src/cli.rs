@@ -230,6 +230,9 @@ pub struct ProxyArgs {
     pub bypass_host: Vec<String>,
     #[arg(long, value_name = "CIDR")]
     pub bypass_cidr: Vec<String>,
+    /// Apply a named profile: deny mode + the hosts an agent needs (dev, claude, codex, gemini, copilot, opencode)
+    #[arg(long, value_name = "PROFILE")]
+    pub profile: Option<String>,
     /// Remove a rule given as shown by this command (e.g. "allow-host example.com")
     #[arg(long, value_name = "RULE")]
     pub remove: Vec<String>,

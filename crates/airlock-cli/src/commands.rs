@@ -428,10 +428,22 @@ fn cmd_proxy(mgr: &Manager, a: ProxyArgs) -> Result<i32> {
         .with_context(|| format!("bad --remove {r:?}"))?;
         remove.push(rule);
     }
+    let profile = match &a.profile {
+        None => None,
+        Some(n) => Some(airlock_sandbox::profiles::find(n).with_context(|| {
+            format!(
+                "unknown profile {n:?}; known: {}",
+                airlock_sandbox::profiles::names().join(", ")
+            )
+        })?),
+    };
     let mut missing = Vec::new();
     let (policy, live) = mgr.update_policy(&a.name, |p| {
         if a.clear {
             *p = Policy::default();
+        }
+        if let Some(prof) = profile {
+            prof.apply(p);
         }
         if let Some(m) = a.policy {
             p.mode = match m {

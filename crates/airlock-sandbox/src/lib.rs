@@ -11,6 +11,7 @@
 
 pub mod agents;
 pub mod control;
+pub mod profiles;
 pub mod supervisor;
 pub mod workspace;
 

@@ -224,4 +224,20 @@ fn bad_policy_input_changes_nothing() {
     let out = w.airlock(&["inspect", &sb, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["policy"]["rules"].as_array().unwrap().len(), 0, "{v}");
+    // Unknown profile: refused, nothing changed.
+    let out = w.airlock(&["network", "proxy", &sb, "--profile", "nope"]);
+    assert_fails(&out, "unknown profile");
+    assert!(text(&out.stderr).contains("unknown profile"));
+    // A named profile: deny mode with the agent's hosts.
+    let out = w.airlock(&["network", "proxy", &sb, "--profile", "claude", "--json"]);
+    assert_ok(&out, "--profile claude");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["policy"]["mode"], "deny");
+    let rules = v["policy"]["rules"].to_string();
+    assert!(
+        rules.contains("allow-host api.anthropic.com") && rules.contains("registry.npmjs.org"),
+        "{rules}"
+    );
+    let (code, _) = curl(&w, &sb, "http://allowed.test/");
+    assert_eq!(code, "403");
 }
