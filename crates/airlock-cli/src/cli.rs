@@ -250,19 +250,31 @@ pub enum TemplateCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Build a template: `base` from Debian packages (mmdebstrap), or an agent template (claude, codex, gemini, copilot, opencode) as a layer over base with the agent at its pinned version
+    /// Build a template: `base` from Debian packages (mmdebstrap), an agent template (claude, codex, gemini, copilot, opencode) as a layer over base with the agent at its pinned version, or a custom template (--from T --run CMD) as a layer over T holding what the commands changed
     #[command(after_help = "Examples:
   airlock template build
   airlock template build --force
   airlock template build claude
   airlock template build claude --update
-  airlock template build base --mirror http://deb.debian.org/debian")]
+  airlock template build base --mirror http://deb.debian.org/debian
+  airlock template build tools --from base --run 'apt-get update && apt-get install -y jq'
+  airlock template build claude-py --from claude --run 'pip install --break-system-packages ruff' --run 'echo ok'
+
+Custom templates run each --run with /bin/sh -c, as root, with the host's network, over
+the parent's files (/tmp is scratch space); only the changes are stored. The same
+parent build and commands again is a no-op (--force rebuilds).")]
     Build {
         #[arg(default_value = "base")]
         name: String,
-        /// Rebuild even if it exists
+        /// Rebuild even if it exists (custom templates: even with the same inputs)
         #[arg(long)]
         force: bool,
+        /// Custom template: the template to build it over (with --run)
+        #[arg(long, value_name = "TEMPLATE", requires = "run")]
+        from: Option<String>,
+        /// Custom template: a command to run over --from (repeatable; in order)
+        #[arg(long = "run", value_name = "CMD", requires = "from")]
+        run: Vec<String>,
         /// Agent templates: move the pinned version to the registry's latest
         /// (recorded in TEMPLATES/agents.lock) and rebuild
         #[arg(long)]
@@ -287,7 +299,29 @@ pub enum TemplateCmd {
         #[arg(long, default_value = "trixie")]
         suite: String,
     },
-    /// Remove a template (sandboxes using it must be removed first)
+    /// Save a stopped sandbox's changes (its writable layer) as a template over the sandbox's template
+    #[command(after_help = "Example:
+  airlock run shell ~/proj -- bash -c 'apt-get update && apt-get install -y jq'
+  airlock stop shell-proj && airlock template save shell-proj mytools
+  airlock run shell ~/other -t mytools
+
+Left out: what airlock writes at each start (/etc/hosts, /etc/hostname,
+/etc/resolv.conf, the CA bundle and /etc/airlock, apt's partial directories)
+and the sandbox's empty workspace mount points. Workspace files are never part
+of a sandbox's layer.")]
+    Save {
+        /// The sandbox
+        sandbox: String,
+        /// Name of the new template
+        name: String,
+        /// Save even while the sandbox runs (files being written may be inconsistent)
+        #[arg(long)]
+        force: bool,
+        /// Replace an existing template of that name
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Remove a template (sandboxes using it and templates over it must be removed first)
     Rm { name: String },
 }
 

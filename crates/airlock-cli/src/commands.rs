@@ -168,7 +168,13 @@ fn cmd_run(mgr: &Manager, a: RunArgs, attach: bool) -> Result<i32> {
                 });
                 // Agent templates are layers over base, which only the
                 // namespace backend stacks so far: `auto` picks it for them.
-                let layered = mgr.templates().agent_pin(&template)?.is_some();
+                let layered = mgr.templates().agent_pin(&template)?.is_some()
+                    || mgr
+                        .templates()
+                        .get(&template)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|t| t.parent.is_some());
                 let (backend, notice) = airlock_sandbox::choose_backend(match a.isolation {
                     Isolation::Auto if layered => airlock_sandbox::Isolation::Ns,
                     Isolation::Auto => airlock_sandbox::Isolation::Auto,
@@ -610,6 +616,38 @@ fn template_progress() -> impl FnMut(airlock_template::Progress) {
     }
 }
 
+/// Replacing a template deletes its old files, which running sandboxes of
+/// it (or of a template over it) still have mounted.
+fn refuse_replacing_in_use(mgr: &Manager, name: &str) -> Result<()> {
+    let store = mgr.templates();
+    if store.get(name)?.is_none() {
+        return Ok(());
+    }
+    let mut users = Vec::new();
+    for r in mgr.list()? {
+        if r.status() != Status::Running {
+            continue;
+        }
+        let uses = match store.get(&r.template) {
+            Ok(Some(t)) => store
+                .chain(&t)
+                .map(|c| c.iter().any(|n| n == name))
+                .unwrap_or(r.template == name),
+            _ => r.template == name,
+        };
+        if uses {
+            users.push(r.name);
+        }
+    }
+    if !users.is_empty() {
+        bail!(
+            "template {name:?} is in use by running sandboxes {}; stop them before replacing it",
+            users.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
     let store = mgr.templates();
     match t {
@@ -623,24 +661,31 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                                "created": t.created, "suite": t.suite, "packages": t.packages,
                                "parent": t.parent, "agent_package": t.agent_package,
                                "agent_version": t.agent_version,
-                               "current": store.agent_is_current(t).unwrap_or(false)})
+                               "run": t.run, "saved_from": t.saved_from,
+                               "current": store.is_current(t).unwrap_or(false)})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let rows: Vec<[String; 5]> = list
+                let rows: Vec<[String; 6]> = list
                     .iter()
                     .map(|t| {
+                        let stale = if store.is_current(t).unwrap_or(false) {
+                            ""
+                        } else if t.saved_from.is_some() {
+                            " (outdated: its parent was rebuilt since)"
+                        } else {
+                            " (outdated: `airlock template build` it)"
+                        };
                         let agent = match (&t.agent_package, &t.agent_version) {
-                            (Some(p), Some(v)) => {
-                                let stale = if store.agent_is_current(t).unwrap_or(false) {
-                                    ""
-                                } else {
-                                    " (outdated: `airlock template build` it)"
-                                };
-                                format!("{p}@{v}{stale}")
+                            (Some(p), Some(v)) => format!("{p}@{v}{stale}"),
+                            _ if !t.run.is_empty() => {
+                                format!("{} command(s){stale}", t.run.len())
                             }
-                            _ => "-".into(),
+                            _ => match &t.saved_from {
+                                Some(sb) => format!("saved from {sb}{stale}"),
+                                None => "-".into(),
+                            },
                         };
                         let size = match &t.parent {
                             Some(p) => format!("{:.0} MB (+{p})", t.size_bytes as f64 / 1e6),
@@ -648,6 +693,7 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                         };
                         [
                             t.name.clone(),
+                            t.parent.clone().unwrap_or_else(|| "-".into()),
                             agent,
                             size,
                             t.created.clone(),
@@ -655,7 +701,10 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                         ]
                     })
                     .collect();
-                print_table(&["NAME", "AGENT", "SIZE", "CREATED", "SUITE"], &rows);
+                print_table(
+                    &["NAME", "PARENT", "CONTENTS", "SIZE", "CREATED", "SUITE"],
+                    &rows,
+                );
             }
         }
         TemplateCmd::Build {
@@ -665,7 +714,31 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
             suite,
             mirror,
             packages,
+            from,
+            run,
         } => {
+            if let Some(from) = from {
+                if update || mirror.is_some() || !packages.is_empty() {
+                    bail!(
+                        "--update, --mirror and --package do not apply to --from/--run templates"
+                    );
+                }
+                if force || !store.custom_is_built(&name, &from, &run)? {
+                    refuse_replacing_in_use(mgr, &name)?;
+                }
+                let mut progress = template_progress();
+                let b = store.build_custom(&name, &from, &run, force, &mut progress)?;
+                let t = b.template;
+                println!(
+                    "{} ({:.0} MB over {}{}) at {}",
+                    t.name,
+                    t.size_bytes as f64 / 1e6,
+                    t.parent.as_deref().unwrap_or("-"),
+                    if b.rebuilt { "" } else { "; up to date" },
+                    t.rootfs.display()
+                );
+                return Ok(0);
+            }
             if store.agent_pin(&name)?.is_some() {
                 if !packages.is_empty() || mirror.is_some() {
                     bail!(
@@ -720,6 +793,68 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                 t.rootfs.display()
             );
         }
+        TemplateCmd::Save {
+            sandbox,
+            name,
+            force,
+            replace,
+        } => {
+            // Held throughout: the sandbox cannot start while its layer is copied.
+            let _lock = mgr.lock()?;
+            let rec = mgr.get(&sandbox)?;
+            if rec.backend == "vm" {
+                bail!(
+                    "{} is a VM sandbox (its writable layer is a disk image); saving is supported for namespace sandboxes (--isolation ns) for now",
+                    rec.name
+                );
+            }
+            if rec.status() == Status::Running {
+                if !force {
+                    bail!(
+                        "{} is running; stop it first (`airlock stop {}`) or pass --force to save it as it is",
+                        rec.name,
+                        rec.name
+                    );
+                }
+                eprintln!(
+                    "airlock: warning: {} is running: files being written while it is copied may be saved inconsistent",
+                    rec.name
+                );
+            }
+            if replace {
+                refuse_replacing_in_use(mgr, &name)?;
+            }
+            let upper = mgr.paths.sandbox_dir(&rec.id).join("layer").join("upper");
+            if !upper.is_dir() {
+                bail!(
+                    "{} has no writable layer yet (it never started): nothing to save",
+                    rec.name
+                );
+            }
+            // The workspaces' mount points (empty directories in the layer).
+            let mount_points: Vec<PathBuf> = rec
+                .workspaces
+                .iter()
+                .filter_map(|w| w.path.strip_prefix("/").ok().map(PathBuf::from))
+                .collect();
+            let mut progress = template_progress();
+            let t = store.save_layer(
+                &name,
+                &rec.template,
+                &upper,
+                &rec.name,
+                &mount_points,
+                replace,
+                &mut progress,
+            )?;
+            println!(
+                "{} ({:.0} MB over {}) at {}",
+                t.name,
+                t.size_bytes as f64 / 1e6,
+                t.parent.as_deref().unwrap_or("-"),
+                t.rootfs.display()
+            );
+        }
         TemplateCmd::Rm { name } => {
             let _lock = mgr.lock()?;
             let users: Vec<String> = mgr
@@ -742,7 +877,7 @@ fn cmd_template(mgr: &Manager, t: TemplateCmd) -> Result<i32> {
                 .collect();
             if !children.is_empty() {
                 bail!(
-                    "template {name:?} is the base of agent templates {}; remove them first",
+                    "template {name:?} is the parent of templates {}; remove them first",
                     children.join(", ")
                 );
             }

@@ -21,7 +21,10 @@
 //!
 //! An agent template (`claude`, ...; see [`agent`]) has a `parent` in its
 //! meta: its `rootfs/` holds only its own files, and a sandbox mounts it
-//! over the parent's ([`TemplateStore::layers`]).
+//! over the parent's ([`TemplateStore::layers`]). Custom templates (see
+//! [`custom`]) are layers too: built by running commands over any template
+//! (cached by parent, parent's `created` and commands, recorded as `run`),
+//! or saved from a sandbox's writable layer (recorded as `saved_from`).
 
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
@@ -32,7 +35,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub mod agent;
+pub mod custom;
 pub use agent::{builtin_pins, npm_latest, parse_lock, AgentPin};
+pub use custom::{Built, RUNTIME_PATHS};
 
 /// Name of the default template.
 pub const BASE: &str = "base";
@@ -86,6 +91,10 @@ pub struct Template {
     /// Agent templates: the npm package and exact version installed.
     pub agent_package: Option<String>,
     pub agent_version: Option<String>,
+    /// Custom templates (`template build --from`): the commands run, in order.
+    pub run: Vec<String>,
+    /// Saved templates (`template save`): the sandbox it was saved from.
+    pub saved_from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +174,22 @@ pub enum TemplateError {
     NotAgent { name: String, known: String },
     #[error("building agent templates needs root for now (the layer is installed in a mount namespace over the base template); run `sudo airlock template build {0}`")]
     AgentNeedsRoot(String),
+    #[error("{0:?} is a built-in template name (base or an agent template); choose another name")]
+    Reserved(String),
+    #[error("template {0} exists; remove it first (`airlock template rm {0}`) or replace it (--replace for save, --force for build)")]
+    Exists(String),
+    #[error("template {parent} is (a layer over) {name}: {name} cannot be built from it")]
+    Cycle { name: String, parent: String },
+    #[error("give at least one non-empty --run 'COMMAND'")]
+    NoCommands,
+    #[error("building template layers needs root for now (they are made in a mount namespace over the parent's layers); run `sudo airlock template ...` for {0}")]
+    LayerNeedsRoot(String),
+    #[error("{command:?} failed ({status}); last output:\n{tail}")]
+    RunFailed {
+        command: String,
+        status: String,
+        tail: String,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> TemplateError + 'a {
@@ -197,6 +222,12 @@ struct Meta {
     agent_package: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     agent_version: Option<String>,
+    /// Custom templates: the commands run over the parent (the cache key,
+    /// with `parent` and `parent_created`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    run: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    saved_from: Option<String>,
 }
 
 impl Meta {
@@ -213,6 +244,8 @@ impl Meta {
             parent: self.parent,
             agent_package: self.agent_package,
             agent_version: self.agent_version,
+            run: self.run,
+            saved_from: self.saved_from,
         }
     }
 }
@@ -401,6 +434,8 @@ impl TemplateStore {
                 parent_created: None,
                 agent_package: None,
                 agent_version: None,
+                run: Vec::new(),
+                saved_from: None,
             })
         })
     }
@@ -434,6 +469,8 @@ impl TemplateStore {
                 parent_created: None,
                 agent_package: None,
                 agent_version: None,
+                run: Vec::new(),
+                saved_from: None,
             })
         })
     }
@@ -652,6 +689,8 @@ impl TemplateStore {
                 parent_created: Some(base.created.clone()),
                 agent_package: Some(pin.package.clone()),
                 agent_version: Some(pin.version.clone()),
+                run: Vec::new(),
+                saved_from: None,
             })
         })
     }
@@ -1156,6 +1195,8 @@ mod tests {
             parent_created: None,
             agent_package: None,
             agent_version: None,
+            run: Vec::new(),
+            saved_from: None,
         };
         write_meta(&dir.join("meta.json"), &meta).unwrap();
     }
@@ -1219,6 +1260,8 @@ mod tests {
             parent_created: Some(parent_created.into()),
             agent_package: Some(pin.package.clone()),
             agent_version: Some(version.into()),
+            run: Vec::new(),
+            saved_from: None,
         };
         write_meta(&dir.join("meta.json"), &meta(&pin.version, &base.created)).unwrap();
         let t = store.get("claude").unwrap().unwrap();

@@ -6,6 +6,7 @@ mod world;
 
 mod agents;
 mod attacker;
+mod custom_templates;
 mod lifecycle;
 mod network;
 mod real_clients;
