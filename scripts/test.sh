@@ -14,6 +14,8 @@ export AIRLOCK_TEMPLATES="${AIRLOCK_TEMPLATES:-/var/lib/airlock/templates}"
 echo "== template (cached in $AIRLOCK_TEMPLATES)" >&2
 tmp_home="$(mktemp -d)"
 AIRLOCK_HOME="$tmp_home" target/debug/airlock template build base
+# The VM's private Docker daemon (tests/all/vm.rs): Debian's engine and CLI.
+AIRLOCK_HOME="$tmp_home" target/debug/airlock template build docker --package docker.io --package docker-cli
 echo "== agent templates (cached in $AIRLOCK_TEMPLATES)" >&2
 t0=$SECONDS
 for a in claude codex gemini copilot opencode; do

@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 const CONFIG: &str = "/airlock/config.json";
 const VM_CONF: &str = "/airlock/vm.conf";
 const MODULES: &str = "/airlock/modules";
+const DOCKER_MODULE_LIST: &str = "/airlock/modules.docker";
+/// Docker's kernel modules, opened before the switch into the root disk.
+static DOCKER_MODULE_FILES: std::sync::Mutex<Vec<(String, std::fs::File)>> =
+    std::sync::Mutex::new(Vec::new());
 const NEWROOT: &str = "/newroot";
 /// Default vsock port of the control channel.
 pub const CONTROL_PORT: u32 = 1024;
@@ -122,7 +126,10 @@ fn mount(
 }
 
 fn load_module(path: &str) -> io::Result<()> {
-    let f = std::fs::File::open(path)?;
+    load_module_file(&std::fs::File::open(path)?)
+}
+
+fn load_module_file(f: &std::fs::File) -> io::Result<()> {
     // SAFETY: finit_module on an open fd with an empty parameter string.
     let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
     if r < 0 {
@@ -168,6 +175,17 @@ pub fn setup() -> Result<(GuestConfig, VmConf), String> {
         }
     }
     debug!("modules loaded in {:.1?}", t0.elapsed());
+    // Docker's modules: opened now (the initramfs is gone after the switch
+    // into the root disk), loaded later by start_dockerd, if at all.
+    let docker = std::fs::read_to_string(DOCKER_MODULE_LIST).unwrap_or_default();
+    let files = docker
+        .lines()
+        .filter(|l| !l.is_empty())
+        .filter_map(|m| std::fs::File::open(m).ok().map(|f| (m.to_string(), f)))
+        .collect();
+    *DOCKER_MODULE_FILES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = files;
 
     let raw = std::fs::read_to_string(CONFIG).map_err(|e| format!("{CONFIG}: {e}"))?;
     let cfg: GuestConfig = serde_json::from_str(&raw)
@@ -417,14 +435,71 @@ pub const DOCKERD_LOG: &str = "/var/log/dockerd.log";
 /// Start the template's Docker daemon, if it has one, in the background
 /// (it never delays readiness; `docker` clients wait for its socket). The
 /// VM is the daemon's boundary: its images and containers live on this
-/// sandbox's root disk only. No bridge and no iptables: the guest kernel's
-/// netfilter and bridge modules are not loaded, so containers get
-/// `--network none` (only their loopback) or `--network host` (the VM's
-/// NIC, i.e. airlock's egress path).
+/// sandbox's root disk only. With Docker's kernel modules loaded it gets its
+/// default bridge network and iptables NAT (containers' traffic leaves
+/// through eth0, i.e. airlock's egress path); if they cannot be loaded, or
+/// dockerd dies before it listens, it is restarted with
+/// `--iptables=false --bridge=none` (containers: `--network none` or `host`).
 pub fn start_dockerd() {
     let Some(bin) = DOCKERD.iter().find(|p| Path::new(p).is_file()) else {
         return;
     };
+    let r = std::thread::Builder::new()
+        .name("dockerd".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            let mods = std::mem::take(
+                &mut *DOCKER_MODULE_FILES
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            let mut bridged = !mods.is_empty();
+            for (m, f) in &mods {
+                if let Err(e) = load_module_file(f) {
+                    warning!("cannot load module {m}: {e}; dockerd without bridge/iptables");
+                    bridged = false;
+                    break;
+                }
+            }
+            drop(mods);
+            if bridged {
+                match spawn_dockerd(bin, &[]) {
+                    Some(pid) if dockerd_listens(pid) => return,
+                    Some(_) => warning!(
+                        "dockerd exited before listening (see {DOCKERD_LOG}); \
+                         restarting it without bridge/iptables"
+                    ),
+                    None => return,
+                }
+            }
+            spawn_dockerd(
+                bin,
+                &["--iptables=false", "--ip6tables=false", "--bridge=none"],
+            );
+        });
+    if let Err(e) = r {
+        warning!("cannot start the dockerd thread: {e}");
+    }
+}
+
+/// Wait until dockerd's socket exists (true) or the process is gone.
+fn dockerd_listens(pid: u32) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(120) {
+        if Path::new("/var/run/docker.sock").exists() {
+            return true;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        if stat.is_empty() || state.starts_with('Z') {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+fn spawn_dockerd(bin: &str, extra: &[&str]) -> Option<u32> {
     let log = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -433,27 +508,23 @@ pub fn start_dockerd() {
         Ok(f) => f,
         Err(e) => {
             warning!("cannot open {DOCKERD_LOG}: {e}; not starting dockerd");
-            return;
+            return None;
         }
     };
     let (Ok(out), Ok(err)) = (log.try_clone(), log.try_clone()) else {
-        return;
+        return None;
     };
     let mut cmd = std::process::Command::new(bin);
-    cmd.args([
-        "--iptables=false",
-        "--ip6tables=false",
-        "--bridge=none",
-        "--storage-driver=overlay2",
-    ])
-    .env_clear()
-    .env(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    )
-    .stdin(std::process::Stdio::null())
-    .stdout(out)
-    .stderr(err);
+    cmd.args(["--storage-driver=overlay2"])
+        .args(extra)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -463,8 +534,14 @@ pub fn start_dockerd() {
     }
     // The reaper collects it when it exits; nobody waits for it here.
     match cmd.spawn() {
-        Ok(c) => debug!("started {bin} (pid {})", c.id()),
-        Err(e) => warning!("cannot start {bin}: {e}"),
+        Ok(c) => {
+            debug!("started {bin} {extra:?} (pid {})", c.id());
+            Some(c.id())
+        }
+        Err(e) => {
+            warning!("cannot start {bin}: {e}");
+            None
+        }
     }
 }
 

@@ -28,6 +28,26 @@ pub const MODULES: &[&str] = &[
     "overlay",
 ];
 
+/// Modules a template's Docker daemon needs for its bridge network and
+/// iptables (nft) rules. Shipped in the initramfs (`/airlock/modules.docker`)
+/// and loaded by the agent in the background, only when the root has
+/// dockerd, so they never delay readiness.
+pub const DOCKER_MODULES: &[&str] = &[
+    "bridge",
+    "br_netfilter",
+    "veth",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_masq",
+    "xt_MASQUERADE",
+    "xt_addrtype",
+    "xt_conntrack",
+    "xt_nat",
+    "xt_tcpudp",
+    "nf_conntrack_netlink",
+];
+
 fn io_err(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BackendError {
     let path = path.to_path_buf();
     move |source| BackendError::Io { step, path, source }
@@ -140,6 +160,7 @@ pub fn base(cache: &Path, kernel_dir: &Path, guest_binary: &Path) -> Result<Path
     let mut key = agent.clone();
     key.extend_from_slice(kver.trim().as_bytes());
     key.extend_from_slice(MODULES.join(",").as_bytes());
+    key.extend_from_slice(DOCKER_MODULES.join(",").as_bytes());
     let dir = cache.join("initramfs");
     fs::create_dir_all(&dir).map_err(io_err("creating the initramfs cache", &dir))?;
     let out = dir.join(format!("{:016x}.cpio", fnv64(&key)));
@@ -163,6 +184,17 @@ pub fn base(cache: &Path, kernel_dir: &Path, guest_binary: &Path) -> Result<Path
         list.push_str(&format!("/lib/modules/{name}.ko\n"));
     }
     wr(w.file("airlock/modules", 0o644, list.as_bytes()))?;
+    let boot: HashSet<&str> = mods.iter().map(|(n, _)| n.as_str()).collect();
+    let mut list = String::new();
+    for (name, path) in resolve_modules(kernel_dir, DOCKER_MODULES)? {
+        if boot.contains(name.as_str()) {
+            continue;
+        }
+        let data = fs::read(&path).map_err(io_err("reading a kernel module", &path))?;
+        wr(w.file(&format!("lib/modules/{name}.ko"), 0o644, &data))?;
+        list.push_str(&format!("/lib/modules/{name}.ko\n"));
+    }
+    wr(w.file("airlock/modules.docker", 0o644, list.as_bytes()))?;
     for d in ["dev", "proc", "sys", "newroot"] {
         wr(w.dir(d))?;
     }

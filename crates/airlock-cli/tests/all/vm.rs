@@ -312,6 +312,53 @@ docker info --format 'name={{.Name}}'
         t.contains("name=dock1"),
         "not the sandbox's own daemon: {t}"
     );
+    // A container on dockerd's default bridge leaves through the VM's NIC,
+    // so airlock's policy applies to it too: the proxy at 10.0.2.2:3128
+    // serves an allowed name, the metadata address gets nothing.
+    let script = format!(
+        r#"set -e
+d=$(mktemp -d)
+# Only bash (and its libraries) in the image: no cat, no timeout.
+for f in /usr/bin/bash $(ldd /usr/bin/bash | grep -o '/[^ ]*'); do
+  mkdir -p "$d$(dirname "$f")"; cp -L "$f" "$d$f"
+done
+tar -C "$d" -c . | docker import - airlock-test/bash >/dev/null
+docker network ls --format '{{{{.Name}}}}' | grep -qx bridge
+docker run --rm airlock-test/bash /usr/bin/bash -c '
+exec 3<>/dev/tcp/10.0.2.2/3128
+printf "GET http://allowed.test/from-container HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n" >&3
+while IFS= read -r -t 10 l <&3; do echo "$l"; done
+exec 4<>/dev/tcp/{METADATA_IP}/80 || exit 0
+printf "GET /latest/ HTTP/1.1\r\nHost: {METADATA_IP}\r\nConnection: close\r\n\r\n" >&4
+while IFS= read -r -t 10 l <&4; do echo "$l"; done; true'
+"#
+    );
+    let out = w.sh("dock1", &script);
+    assert_ok(&out, "container on the bridge");
+    let t = text(&out.stdout);
+    assert!(t.contains("hello from outer"), "{t}");
+    assert!(
+        !t.contains(&format!("hello from outer at {METADATA_IP}")),
+        "{t}"
+    );
+    assert!(
+        w.outer.hits_to(METADATA_IP).is_empty(),
+        "leaked from a container"
+    );
+    assert!(
+        w.outer
+            .hits_to(ALLOWED_IP)
+            .iter()
+            .any(|h| h.first_line.contains("/from-container")),
+        "{:?}",
+        w.outer.hits()
+    );
+    let evs = w.events("dock1");
+    assert!(
+        evs.iter()
+            .any(|e| e["host"] == METADATA_IP && e["action"] == "block"),
+        "{evs:#?}"
+    );
     // The other sandbox has its own, empty daemon.
     let out = w.sh(
         "dock2",
@@ -321,5 +368,4 @@ docker info --format 'name={{.Name}}'
     assert_eq!(text(&out.stdout), "0\nname=dock2\n");
     // The host has no engine and sees nothing: no daemon socket appeared.
     assert!(!std::path::Path::new("/var/run/docker.sock").exists());
-    assert!(w.outer.hits().is_empty(), "leaked: {:?}", w.outer.hits());
 }
