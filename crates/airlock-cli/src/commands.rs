@@ -278,8 +278,21 @@ fn cmd_exec(mgr: &Manager, a: ExecArgs) -> Result<i32> {
     Ok(mgr.exec(&rec, &opts)?)
 }
 
+/// `ns`, or `vm (kvm)` / `vm (tcg)` with the acceleration this host gives
+/// (the backend's cached probe).
+fn backend_label(backend: &str) -> String {
+    if backend != "vm" {
+        return backend.to_string();
+    }
+    match airlock_backend::VmBackend::new().accel() {
+        Ok((a, _)) => format!("vm ({})", a.as_str()),
+        Err(_) => "vm".into(),
+    }
+}
+
 fn record_json(mgr: &Manager, r: &SandboxRecord) -> serde_json::Value {
     json!({
+        "backend_detail": backend_label(&r.backend),
         "name": r.name,
         "id": r.id,
         "agent": r.agent,
@@ -314,7 +327,7 @@ fn cmd_ls(mgr: &Manager, as_json: bool, quiet: bool) -> Result<i32> {
                     r.name.clone(),
                     r.agent.clone(),
                     r.status().to_string(),
-                    r.backend.clone(),
+                    backend_label(&r.backend),
                     airlock_sandbox::describe_workspaces(&r.workspaces),
                 ]
             })
