@@ -335,3 +335,39 @@ fn programs_ignoring_proxy_variables_get_the_same_policy() {
         "{evs:#?}"
     );
 }
+
+#[test]
+fn sandboxes_cannot_reach_each_other() {
+    let w = World::new();
+    let a = w.sandbox("peer-a");
+    // A serves on every address of its own network namespace.
+    let out = w.sh(
+        &a,
+        "cd /tmp && (setsid python3 -m http.server 8000 --bind 0.0.0.0 >/dev/null 2>&1 &) ; sleep 1; curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "200",
+        "A's own server: {}",
+        text(&out.stderr)
+    );
+    let ws = w.ws.display().to_string();
+    let out = w.airlock(&["run", "shell", &ws, "--name", "peer-b", "--", "true"]);
+    assert_ok(&out, "second sandbox");
+    // From B: A's address (the same 10.0.2.15 is B's own), the gateway, the
+    // host alias, with and without the proxy: nothing reaches A.
+    for url in [
+        "http://10.0.2.15:8000/",
+        "http://10.0.2.2:8000/",
+        "http://host.docker.internal:8000/",
+        "http://127.0.0.1:8000/",
+    ] {
+        for flags in ["", "--noproxy '*'"] {
+            let out = w.sh(
+                "peer-b",
+                &format!("curl -s -m 5 {flags} -o /dev/null -w '%{{http_code}}' {url}"),
+            );
+            assert_ne!(text(&out.stdout), "200", "B reached {url} ({flags})");
+        }
+    }
+}
