@@ -33,6 +33,14 @@ fn package_managers_work_through_the_engine() {
             .output()
             .unwrap()
     };
+    // Remove the sandbox even when an assertion below fails.
+    struct Cleanup<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["rm", "-f", "real"]);
+        }
+    }
+    let _cleanup = Cleanup(&airlock);
     let out = airlock(&[
         "run",
         "shell",
@@ -104,5 +112,4 @@ fn package_managers_work_through_the_engine() {
             .any(|e| e["host"] == "example.com" && e["action"] == "block"),
         "{evs:#?}"
     );
-    let _ = airlock(&["rm", "-f", "real"]);
 }
