@@ -13,8 +13,7 @@
 
 use crate::{io_err, Progress, TemplateError};
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// The checked-in lock file.
@@ -167,29 +166,6 @@ pub fn npm_latest(package: &str) -> Result<String, TemplateError> {
     Ok(v)
 }
 
-const BUILD_SCRIPT: &str = r#"
-set -e
-lower="$1"; upper="$2"; work="$3"; m="$4"; ca="$5"; shift 5
-mount --make-rprivate /
-mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$m"
-mount -t proc proc "$m/proc"
-mount --rbind /dev "$m/dev"
-mount -t tmpfs -o mode=1777 tmpfs "$m/tmp"
-mount -t tmpfs -o mode=0700 tmpfs "$m/root"
-if [ -f /etc/resolv.conf ] && [ -f "$m/etc/resolv.conf" ] && [ ! -L "$m/etc/resolv.conf" ]; then
-    mount --bind /etc/resolv.conf "$m/etc/resolv.conf"
-fi
-if [ -n "$ca" ]; then cp "$ca" "$m/tmp/host-ca.crt"; fi
-exec chroot "$m" "$@"
-"#;
-
-/// Host CA bundles tried for the build (npm's TLS may go through a
-/// corporate proxy that the host trusts).
-const HOST_CA: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-];
-
 /// Install `pin` over `lower` into the (empty) directory `upper`, which
 /// then holds exactly the files the install added or changed.
 pub(crate) fn install_layer(
@@ -198,106 +174,26 @@ pub(crate) fn install_layer(
     pin: &AgentPin,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(), TemplateError> {
-    let scratch = upper.parent().expect("upper has a parent");
-    let work = scratch.join("work");
-    let merged = scratch.join("merged");
-    for d in [&work, &merged] {
-        fs::create_dir_all(d).map_err(io_err("creating", d))?;
-    }
-    let ca = HOST_CA
+    let env: Vec<String> = [
+        "npm_config_cache=/tmp/npm-cache",
+        "npm_config_update_notifier=false",
+        "npm_config_fund=false",
+        "npm_config_audit=false",
+        "npm_config_loglevel=http",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let argv: Vec<String> = ["npm", "install", "-g", "--no-fund", "--no-audit"]
         .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let mut env: Vec<String> = vec![
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        "HOME=/root".into(),
-        "npm_config_cache=/tmp/npm-cache".into(),
-        "npm_config_update_notifier=false".into(),
-        "npm_config_fund=false".into(),
-        "npm_config_audit=false".into(),
-        "npm_config_loglevel=http".into(),
-    ];
-    if !ca.is_empty() {
-        env.push("NODE_EXTRA_CA_CERTS=/tmp/host-ca.crt".into());
-        env.push("npm_config_cafile=/tmp/host-ca.crt".into());
-    }
-    for k in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-        "npm_config_registry",
-        "NPM_CONFIG_REGISTRY",
-    ] {
-        if let Ok(v) = std::env::var(k) {
-            env.push(format!("{k}={v}"));
-        }
-    }
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--fork", "--", "sh", "-ec", BUILD_SCRIPT, "sh"])
-        .arg(lower)
-        .arg(upper)
-        .arg(&work)
-        .arg(&merged)
-        .arg(&ca)
-        .args(["/usr/bin/env", "-i"])
-        .args(&env)
-        .args(["npm", "install", "-g", "--no-fund", "--no-audit"])
-        .arg(pin.spec())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; the build dies with us.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGTERM as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| TemplateError::Npm {
-        message: format!("cannot run unshare (util-linux): {e}"),
-    })?;
-    let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let tx2 = tx.clone();
-    let t1 = std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let t2 = std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(l);
-        }
-    });
-    let mut tail: Vec<String> = Vec::new();
-    for line in rx {
-        tail.push(line.clone());
-        if tail.len() > 30 {
-            tail.remove(0);
-        }
-        progress(Progress::Line(line));
-    }
-    let _ = t1.join();
-    let _ = t2.join();
-    let status = child
-        .wait()
-        .map_err(io_err("waiting for", Path::new("npm")))?;
-    for d in [&work, &merged] {
-        let _ = fs::remove_dir_all(d);
-    }
+        .map(|s| s.to_string())
+        .chain([pin.spec()])
+        .collect();
+    let lower = lower.display().to_string();
+    let (status, tail) =
+        crate::chroot::run_over_layers(&lower, upper, true, &env, &argv, &mut |l| {
+            progress(Progress::Line(l))
+        })?;
     if !status.success() {
         return Err(TemplateError::Npm {
             message: format!(
@@ -313,18 +209,6 @@ pub(crate) fn install_layer(
             "dropped packages for another C library (this npm ignores `libc`): {}",
             pruned.join(", ")
         )));
-    }
-    // Mount points that overlayfs may have copied up: nothing of the build
-    // environment stays in the layer.
-    for rel in ["tmp", "root", "proc", "dev"] {
-        let p = upper.join(rel);
-        if p.is_dir()
-            && fs::read_dir(&p)
-                .map(|mut r| r.next().is_none())
-                .unwrap_or(false)
-        {
-            let _ = fs::remove_dir(&p);
-        }
     }
     Ok(())
 }

@@ -28,11 +28,10 @@ use crate::{
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// Paths, relative to the root, that airlock's sandbox runtime writes into
 /// a sandbox's writable layer at every start (network names, the
@@ -54,29 +53,9 @@ pub const RUNTIME_PATHS: &[&str] = &[
 /// Marker line the build script prints before each command.
 const STEP_MARK: &str = ">>> airlock-run: ";
 
-const RUN_SCRIPT: &str = r#"
-set -e
-lower="$1"; upper="$2"; work="$3"; m="$4"; ca="$5"; shift 5
-mount --make-rprivate /
-mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work,userxattr" "$m"
-mount -t proc proc "$m/proc"
-mount --rbind /dev "$m/dev"
-mount -t tmpfs -o mode=1777 tmpfs "$m/tmp"
-if [ -f /etc/resolv.conf ] && [ -f "$m/etc/resolv.conf" ] && [ ! -L "$m/etc/resolv.conf" ]; then
-    mount --bind /etc/resolv.conf "$m/etc/resolv.conf"
-fi
-if [ -n "$ca" ]; then cp "$ca" "$m/tmp/host-ca.crt"; fi
-exec chroot "$m" "$@"
-"#;
-
 /// Runs inside the chroot: each argument with `/bin/sh -c`, stopping at the
 /// first failure.
 const EACH_SCRIPT: &str = r#"for c do printf '>>> airlock-run: %s\n' "$c" >&2; /bin/sh -c "$c" </dev/null || exit $?; done"#;
-
-const HOST_CA: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-];
 
 /// What [`TemplateStore::build_custom`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,130 +329,35 @@ fn run_layer(
     commands: &[String],
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(), TemplateError> {
-    let scratch = upper.parent().expect("upper has a parent");
-    let work = scratch.join("work");
-    let merged = scratch.join("merged");
-    for d in [&work, &merged] {
-        fs::create_dir_all(d).map_err(io_err("creating", d))?;
-    }
-    let ca = HOST_CA
+    let env = vec!["DEBIAN_FRONTEND=noninteractive".to_string()];
+    let argv: Vec<String> = ["/bin/sh", "-c", EACH_SCRIPT, "sh"]
         .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let mut env: Vec<String> = vec![
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        "HOME=/root".into(),
-        "LANG=C.UTF-8".into(),
-        "DEBIAN_FRONTEND=noninteractive".into(),
-    ];
-    if !ca.is_empty() {
-        env.push("NODE_EXTRA_CA_CERTS=/tmp/host-ca.crt".into());
-    }
-    for k in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-        "npm_config_registry",
-        "NPM_CONFIG_REGISTRY",
-    ] {
-        if let Ok(v) = std::env::var(k) {
-            env.push(format!("{k}={v}"));
-        }
-    }
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--fork", "--", "sh", "-ec", RUN_SCRIPT, "sh"])
-        .arg(lower)
-        .arg(upper)
-        .arg(&work)
-        .arg(&merged)
-        .arg(&ca)
-        .args(["/usr/bin/env", "-i"])
-        .args(&env)
-        .args(["/bin/sh", "-c", EACH_SCRIPT, "sh"])
-        .args(commands)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; the build dies with us.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGTERM as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| TemplateError::RunFailed {
-        command: String::new(),
-        status: format!("cannot run unshare (util-linux): {e}"),
-        tail: String::new(),
-    })?;
-    let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let tx2 = tx.clone();
-    let t1 = std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let t2 = std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(l);
-        }
-    });
-    let mut tail: Vec<String> = Vec::new();
+        .map(|s| s.to_string())
+        .chain(commands.iter().cloned())
+        .collect();
     let mut current = String::new();
     let mut n = 0;
-    for line in rx {
-        if let Some(c) = line.strip_prefix(STEP_MARK) {
-            n += 1;
-            current = c.to_string();
-            progress(Progress::Step(format!("[{n}/{}] {c}", commands.len())));
-            continue;
-        }
-        tail.push(line.clone());
-        if tail.len() > 30 {
-            tail.remove(0);
-        }
-        progress(Progress::Line(line));
-    }
-    let _ = t1.join();
-    let _ = t2.join();
-    let status = child
-        .wait()
-        .map_err(io_err("waiting for", Path::new("the build")))?;
-    for d in [&work, &merged] {
-        let _ = fs::remove_dir_all(d);
-    }
+    let (status, tail) =
+        crate::chroot::run_over_layers(lower, upper, false, &env, &argv, &mut |line| {
+            if let Some(c) = line.strip_prefix(STEP_MARK) {
+                n += 1;
+                current = c.to_string();
+                progress(Progress::Step(format!("[{n}/{}] {c}", commands.len())));
+            } else {
+                progress(Progress::Line(line));
+            }
+        })?;
     if !status.success() {
         return Err(TemplateError::RunFailed {
             command: current,
             status: status.to_string(),
-            tail: tail.join("\n"),
+            tail: tail
+                .iter()
+                .filter(|l| !l.starts_with(STEP_MARK))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n"),
         });
-    }
-    // Mount points overlayfs may have copied up: nothing of the build
-    // environment stays in the layer.
-    for rel in ["tmp", "proc", "dev"] {
-        let p = upper.join(rel);
-        if p.is_dir()
-            && fs::read_dir(&p)
-                .map(|mut r| r.next().is_none())
-                .unwrap_or(false)
-        {
-            let _ = fs::remove_dir(&p);
-        }
     }
     Ok(())
 }

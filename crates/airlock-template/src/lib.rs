@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub mod agent;
+mod chroot;
 pub mod custom;
 pub use agent::{builtin_pins, npm_latest, parse_lock, AgentPin};
 pub use custom::{Built, RUNTIME_PATHS};
